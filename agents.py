@@ -1,0 +1,179 @@
+"""Multi-agent prompting and ensembling.
+
+An "agent" is an instruction variant ("Solve step by step.", "Be concise but correct.") of one
+shared policy. Each question is asked once per agent; GRPO then trains the one model on all of
+them, and at evaluation the agents' answers are pooled:
+
+    agents = get_agents("core")                       # {name: instruction}
+    train = expand_agents(dataset, agents)            # one row per (question, agent)
+    vote = majority_vote([extract_answer(c) for c in completions_for_one_question])
+
+Two prompt forms:
+  chat  system prompt asking for <start_working_out>...<end_working_out><SOLUTION>N</SOLUTION>,
+        then the instruction and the question as the user turn (for instruct models);
+  xml   "<instruction>...</instruction><question>...</question><response>", which the model
+        closes with "... </response>" (for base models, or the seeds' original form).
+"""
+
+import random
+
+import torch
+
+from rewards import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, normalize_number
+
+# Three documented sets of four agents. Users may pass their own dict, list or "a|b|c" string.
+AGENT_SETS = {
+    "core": {
+        "step_by_step": "Solve step by step.",
+        "concise": "Be concise but correct.",
+        "verify": "Solve the problem, then check your answer before giving it.",
+        "teacher": "Explain your reasoning clearly, as a teacher would.",
+    },
+    "strategies": {
+        "equation": "Write an equation for the problem, then solve it.",
+        "backwards": "Work backwards from what the question asks.",
+        "units": "Keep track of the units of every quantity.",
+        "estimate": "Estimate the answer first, then compute it exactly.",
+    },
+    "personas": {
+        "accountant": "You are a careful accountant. Double-check every sum.",
+        "engineer": "You are an engineer. Break the problem into small calculations.",
+        "student": "You are a top student. Show each step of your work.",
+        "skeptic": "You are a skeptic. Question every assumption before answering.",
+    },
+}
+DEFAULT_AGENT_SET = "core"
+
+SYSTEM_PROMPT = (
+    "You are given a math problem. Think about it and show your working out between "
+    f"{REASONING_START} and {REASONING_END}. Then give your final answer, a number only, "
+    f"between {SOLUTION_START} and {SOLUTION_END}."
+)
+
+
+def get_agents(spec=None):
+    """Resolve an agent spec to an ordered {name: instruction} dict.
+
+    spec: None (the default set), a set name ("core", "strategies", "personas"), a count "N"
+    (the first N of all sets in order), instructions separated by "|", a list of
+    instructions, or a dict.
+    """
+    if spec is None:
+        return dict(AGENT_SETS[DEFAULT_AGENT_SET])
+    if isinstance(spec, dict):
+        agents = dict(spec)
+    elif isinstance(spec, (list, tuple)):
+        agents = {f"agent{i}": str(text) for i, text in enumerate(spec)}
+    elif isinstance(spec, int) or str(spec).strip().isdigit():
+        every = {k: v for s in AGENT_SETS.values() for k, v in s.items()}
+        n = int(spec)
+        if not 1 <= n <= len(every):
+            raise ValueError(f"agent count must be between 1 and {len(every)}, got {n}")
+        agents = dict(list(every.items())[:n])
+    elif spec in AGENT_SETS:
+        agents = dict(AGENT_SETS[spec])
+    elif "|" in spec:
+        agents = {f"agent{i}": s.strip() for i, s in enumerate(spec.split("|"))}
+    else:
+        raise ValueError(
+            f"unknown agent set {spec!r}: give one of {', '.join(AGENT_SETS)}, a count such as 4, "
+            "or instructions separated by '|'"
+        )
+    if not agents or not all(isinstance(v, str) and v.strip() for v in agents.values()):
+        raise ValueError(f"every agent needs a non-empty instruction, got {agents}")
+    return agents
+
+
+def xml_prompt(instruction, question):
+    """The XML-tag prompt; the model is expected to answer and close with </response>."""
+    return f"<instruction>{instruction}</instruction>\n<question>{question}</question>\n<response>"
+
+
+def chat_prompt(instruction, question, system_prompt=SYSTEM_PROMPT):
+    """Chat messages: the structured-format system prompt, then instruction and question."""
+    return [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": f"{instruction}\n\n{question}"},
+    ]
+
+
+PROMPT_BUILDERS = {"chat": chat_prompt, "xml": xml_prompt}
+
+
+def build_prompt(instruction, question, style="chat"):
+    if style not in PROMPT_BUILDERS:
+        raise ValueError(f"unknown prompt style {style!r}; choose one of {list(PROMPT_BUILDERS)}")
+    return PROMPT_BUILDERS[style](instruction, question)
+
+
+def expand_agents(dataset, agents=None, sampling="all", seed=0, style="chat"):
+    """Add a ``prompt`` and an ``agent`` column: one row per agent ("all"), or one random agent
+    per question ("random"). Works on a datasets.Dataset or a list of dicts with ``question``."""
+    agents = get_agents(agents)
+    if sampling not in ("all", "random"):
+        raise ValueError(f"agent sampling must be 'all' or 'random', got {sampling!r}")
+    rng = random.Random(seed)
+    names = list(agents)
+
+    def expand(row):
+        chosen = names if sampling == "all" else [rng.choice(names)]
+        return [
+            {**row, "prompt": build_prompt(agents[n], row["question"], style), "agent": n}
+            for n in chosen
+        ]
+
+    if isinstance(dataset, list):
+        return [new for row in dataset for new in expand(row)]
+
+    from datasets import Dataset
+
+    return Dataset.from_list([new for row in dataset for new in expand(row)])
+
+
+def _vote_key(answer):
+    """Answers that normalize alike vote together: '1,000' and '1000.0'."""
+    return normalize_number(answer) if answer is not None else None
+
+
+def majority_vote(answers, weights=None):
+    """The answer with the most (weighted) votes; ties go to the one seen first. None never wins."""
+    if weights is not None and len(weights) != len(answers):
+        raise ValueError(f"{len(answers)} answers but {len(weights)} weights")
+    tally, first_seen = {}, {}
+    for i, answer in enumerate(answers):
+        key = _vote_key(answer)
+        if key is None:
+            continue
+        tally[key] = tally.get(key, 0.0) + (1.0 if weights is None else float(weights[i]))
+        first_seen.setdefault(key, i)
+    if not tally:
+        return None
+    return max(tally, key=lambda k: (tally[k], -first_seen[k]))
+
+
+def consistency(answers):
+    """Mean pairwise agreement of the answers, in [0, 1]; None agrees with nothing; 1.0 for < 2."""
+    keys = [_vote_key(a) for a in answers]
+    pairs = [(a, b) for i, a in enumerate(keys) for b in keys[i + 1 :]]
+    if not pairs:
+        return 1.0
+    return sum(a is not None and a == b for a, b in pairs) / len(pairs)
+
+
+def aggregate_hidden_states(states, weights=None):
+    """Mean (or weighted mean) of per-agent [L, d] or [B, L, d] tensors, zero-padded to the longest L."""
+    if not states:
+        raise ValueError("aggregate_hidden_states needs at least one tensor")
+    ndim = states[0].dim()
+    if ndim not in (2, 3) or any(s.dim() != ndim for s in states):
+        raise ValueError(f"expected all [L, d] or all [B, L, d] tensors, got {[tuple(s.shape) for s in states]}")
+    length = max(s.shape[-2] for s in states)
+    padded = torch.stack(
+        [torch.nn.functional.pad(s, (0, 0, 0, length - s.shape[-2])) for s in states]
+    )
+    if weights is None:
+        return padded.mean(dim=0)
+    w = torch.as_tensor(weights, dtype=padded.dtype, device=padded.device)
+    if w.shape != (len(states),) or w.sum() <= 0:
+        raise ValueError(f"need {len(states)} non-negative weights with a positive sum, got {weights}")
+    return torch.einsum("k,k...->...", w / w.sum(), padded)

@@ -1,0 +1,396 @@
+"""Reward functions for GRPO on math word problems.
+
+Three separate steps, so that training and evaluation grade alike:
+
+    extract_answer(text) -> "42" or None      find the final answer, normalized
+    is_correct(pred, gold) -> bool             compare two answers numerically
+    correctness_reward(completions, answer)    score a batch for TRL's GRPOTrainer
+
+Every reward is a pure named function ``f(completions, **kwargs) -> list[float | None]``
+that ``trl.GRPOTrainer(reward_funcs=[...])`` accepts as it is:
+
+* ``completions`` are plain strings, or conversational (a list of ``{"role", "content"}``
+  messages, of which the last one is graded);
+* dataset columns such as ``answer`` arrive as keyword arguments, one value per completion;
+* ``None`` means "cannot be graded" (no reference answer), and TRL skips it.
+
+The function's name is its metric name (TRL logs ``rewards/<name>/mean``), and ``REWARDS``
+at the bottom maps each name to its function. To add a reward, write a function with the
+signature above and a one-line docstring giving its range, then add it to ``REWARDS``.
+
+>>> correctness_reward(["... so she has <SOLUTION>1,000</SOLUTION>"], answer=["1000"])
+[1.0]
+"""
+
+import difflib
+import math
+import re
+
+import numpy as np
+
+# The structured answer format the chat prompts ask for (see agents.SYSTEM_PROMPT).
+REASONING_START = "<start_working_out>"
+REASONING_END = "<end_working_out>"
+SOLUTION_START = "<SOLUTION>"
+SOLUTION_END = "</SOLUTION>"
+STOP_TAG = "</response>"  # what the XML-tag prompt form ends its answer with
+
+# A number's digits: thousands commas, decimals, a percent sign. _numbers() adds the sign and
+# currency in front by hand, which is several times faster than one regex that tries both.
+_DIGITS_RE = re.compile(r"\d(?:[\d,]*\d)?(?:\.\d+)?%?")
+_PREFIX_CHARS = "$-+\u2212"
+# Where a final answer is announced, strongest first: (pattern, which number of the span to take).
+# "#### 18 cups" and "the answer is 18 dollars" give the first number after them; a <SOLUTION>
+# or \\boxed{} span may hold a calculation ("5 + 3 = 8"), so its last number is the answer.
+# Text that ends in </response> needs no pattern: it is cut at the tag, and then the last number
+# is the answer, as in the fallback.
+_FINAL_ANSWER_PATTERNS = [
+    # (a substring the form needs, cheap to test first; the pattern; which number to take)
+    ("####", re.compile(r"####\s*([^\n]*)"), 0),
+    (SOLUTION_START, re.compile(re.escape(SOLUTION_START) + r"(.*?)" + re.escape(SOLUTION_END), re.DOTALL), -1),
+    ("boxed", re.compile(r"\\boxed\s*\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}"), -1),
+    ("nswer", re.compile(r"answer\s+is\s*:?\s*([^\n]*)", re.IGNORECASE), 0),
+    ("A:", re.compile(r"^\s*A:\s*([^\n]*)", re.MULTILINE), 0),  # "Job A: 5" is no answer
+]
+_FORMAT_RE = re.compile(
+    r"^\s*" + re.escape(REASONING_START) + r".+?" + re.escape(REASONING_END)
+    + r"\s*" + re.escape(SOLUTION_START) + r".+?" + re.escape(SOLUTION_END)
+    + r"\s*(?:" + re.escape(STOP_TAG) + r")?\s*$",
+    re.DOTALL,
+)
+_SOLUTION_RE = _FINAL_ANSWER_PATTERNS[1][1]
+
+
+# ---------------------------------------------------------------------------- extraction
+
+def completion_text(completion):
+    """The text of one completion: a string, or the content of the last chat message."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        return str(completion.get("content", ""))
+    if isinstance(completion, (list, tuple)) and completion:
+        return completion_text(completion[-1])
+    return ""
+
+
+def _numbers(text):
+    """Every number in ``text`` with its sign and currency: '-$1,000.50 or 7%' -> ['-$1,000.50', '7%']."""
+    found = []
+    for m in _DIGITS_RE.finditer(text):
+        i = m.start()
+        if i and text[i - 1] == "." and not text[i - 2 : i - 1].isdigit():
+            i -= 1  # ".5"
+        j = i
+        while j and i - j < 2 and text[j - 1] in _PREFIX_CHARS:
+            j -= 1
+        if j < i and text[j - 1 : j].isalnum():
+            j = i  # "5-3" is a subtraction, not a negative 3
+        found.append(text[j : m.end()])
+    return found
+
+
+def normalize_number(text):
+    """'$1,000.00' -> '1000', '-3.50' -> '-3.5', '+7%' -> '7'; None if ``text`` holds no number."""
+    if text is None:
+        return None
+    numbers = _numbers(str(text))
+    if not numbers:
+        return None
+    s = numbers[0]
+    negative = "-" in s or "\u2212" in s
+    whole, _, frac = re.sub(r"[^\d.]", "", s).partition(".")
+    digits = (whole.lstrip("0") or "0") + ("." + frac.rstrip("0") if frac.rstrip("0") else "")
+    return "-" + digits if negative and digits != "0" else digits
+
+
+def extract_answer(text):
+    """The final answer in ``text`` as a normalized number string, or None if it holds no number.
+
+    Looks, in order, for ``#### N``, ``<SOLUTION>N</SOLUTION>``, ``\\boxed{N}``, "The answer is N",
+    "A: N" at the start of a line; the last occurrence of a form wins. Otherwise it falls back to
+    the last number. Text after a ``</response>`` stop tag is ignored, so "... 14 </response>" gives 14.
+    """
+    text = completion_text(text).split(STOP_TAG, 1)[0]  # nothing after the stop tag counts
+    for needle, pattern, which in _FINAL_ANSWER_PATTERNS:
+        if needle not in text and (needle != "nswer" or "NSWER" not in text):
+            continue
+        for span in reversed(pattern.findall(text)):
+            numbers = _numbers(span)
+            if numbers:
+                return normalize_number(numbers[which])
+    numbers = _numbers(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def _to_number(s):
+    """int for integer strings (exact even when huge), else float; None if unparseable."""
+    if s is None:
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        try:
+            return float(s)
+        except ValueError:
+            return None
+
+
+def is_correct(pred, gold, rel_tol=1e-6):
+    """Numeric equality with a small relative tolerance: '1,000' equals '1000.00'."""
+    p, g = _to_number(normalize_number(pred)), _to_number(normalize_number(gold))
+    if p is None or g is None:
+        return False
+    if isinstance(p, int) and isinstance(g, int):
+        return p == g
+    return math.isclose(p, g, rel_tol=rel_tol, abs_tol=1e-9)
+
+
+def _relative_error(pred, gold):
+    """|pred - gold| / max(|gold|, 1), so a gold of 0 is graded on the absolute error."""
+    p, g = _to_number(normalize_number(pred)), _to_number(normalize_number(gold))
+    if p is None or g is None:
+        return math.inf
+    try:
+        return abs(float(p) - float(g)) / max(abs(float(g)), 1.0)
+    except OverflowError:
+        return 0.0 if p == g else math.inf
+
+
+def _golds(answer, n):
+    """The reference answers as a list of length n (a single value is broadcast)."""
+    if answer is None or isinstance(answer, (str, int, float)):
+        return [answer] * n
+    return list(answer)
+
+
+# ---------------------------------------------------------------------------- rewards
+
+def unique_chars_reward(completions, **kwargs):
+    """len(set(text)): the number of distinct characters, a diversity dummy. Range [0, inf)."""
+    return [float(len(set(completion_text(c)))) for c in completions]
+
+
+def similarity_reward(completions, answer=None, **kwargs):
+    """100 x difflib ratio of the final answer (else the whole text) to the reference. Range [0, 100]."""
+    out = []
+    for c, gold in zip(completions, _golds(answer, len(completions))):
+        if gold is None:
+            out.append(None)
+            continue
+        text = completion_text(c)
+        guess = extract_answer(text) or text
+        out.append(100.0 * difflib.SequenceMatcher(None, guess, str(gold)).ratio())
+    return out
+
+
+def correctness_reward(completions, answer=None, **kwargs):
+    """1.0 if the extracted answer equals the reference numerically, else 0.0. Range {0, 1}."""
+    return [
+        None if gold is None else float(is_correct(extract_answer(c), gold))
+        for c, gold in zip(completions, _golds(answer, len(completions)))
+    ]
+
+
+def partial_credit_reward(completions, answer=None, **kwargs):
+    """max(0, 1 - |pred - gold| / max(|gold|, 1)); 0.0 with no answer. Range [0, 1]."""
+    out = []
+    for c, gold in zip(completions, _golds(answer, len(completions))):
+        if gold is None:
+            out.append(None)
+            continue
+        pred = extract_answer(c)
+        out.append(1.0 if is_correct(pred, gold) else max(0.0, 1.0 - _relative_error(pred, gold)))
+    return out
+
+
+def graded_correctness_reward(completions, answer=None, **kwargs):
+    """3.0 exact, 1.5 within 10 %, 0.5 within 20 %, -0.5 wrong or missing. Range [-0.5, 3]."""
+    out = []
+    for c, gold in zip(completions, _golds(answer, len(completions))):
+        if gold is None:
+            out.append(None)
+            continue
+        pred = extract_answer(c)
+        err = _relative_error(pred, gold)
+        if is_correct(pred, gold):
+            out.append(3.0)
+        elif err <= 0.10:
+            out.append(1.5)
+        elif err <= 0.20:
+            out.append(0.5)
+        else:
+            out.append(-0.5)
+    return out
+
+
+def format_exact_reward(completions, **kwargs):
+    """3.0 for <start_working_out>...<end_working_out><SOLUTION>...</SOLUTION>, else 0. Range {0, 3}."""
+    return [3.0 if _FORMAT_RE.match(completion_text(c)) else 0.0 for c in completions]
+
+
+def format_approx_reward(completions, **kwargs):
+    """+0.5 for each of the four format tags seen exactly once, -0.5 otherwise. Range [-2, 2]."""
+    tags = (REASONING_START, REASONING_END, SOLUTION_START, SOLUTION_END)
+    return [
+        sum(0.5 if text.count(tag) == 1 else -0.5 for tag in tags)
+        for text in map(completion_text, completions)
+    ]
+
+
+def number_extraction_reward(completions, **kwargs):
+    """1.5 when the <SOLUTION> section holds a parseable number, else 0. Range {0, 1.5}."""
+    out = []
+    for c in completions:
+        spans = _SOLUTION_RE.findall(completion_text(c))
+        out.append(1.5 if spans and _DIGITS_RE.search(spans[-1]) else 0.0)
+    return out
+
+
+# hybrid_reward's parts and their weights; the maximum total is their sum, 3.6.
+HYBRID_WEIGHTS = {
+    "correct": 2.0,        # the extracted answer is right: the signal that matters
+    "quality": 0.25,       # no answer extracted: distinct-word ratio, so degenerate text ranks lowest
+    "length": 0.25,        # 20-300 words: some reasoning, no rambling
+    "math": 0.25,          # an arithmetic expression such as "3 * 4"
+    "steps": 0.25,         # step words (first, then, next, so, therefore, finally), 0.05 each
+    "format": 0.5,         # the full structured format (format_exact_reward > 0)
+    "numbers": 0.1,        # any number at all
+    "calculation": 0.25,   # a worked calculation such as "3 * 4 = 12"
+}
+_STEP_WORDS = ("first", "then", "next", "so", "therefore", "finally")
+_MATH_RE = re.compile(r"\d\s*[-+*/\u00d7\u00f7x]\s*\d")
+_CALC_RE = re.compile(r"\d\s*[-+*/\u00d7\u00f7x]\s*\$?\d[\d,.]*\s*=\s*\$?-?\d")
+_WORD_RE = re.compile(r"[a-z]+")
+
+
+def hybrid_reward(completions, answer=None, **kwargs):
+    """Correctness plus small bonuses for reasoning quality, see HYBRID_WEIGHTS. Range [0, 3.6]."""
+    w = HYBRID_WEIGHTS
+    out = []
+    for c, gold in zip(completions, _golds(answer, len(completions))):
+        text = completion_text(c)
+        lowered = text.lower()
+        words = _WORD_RE.findall(lowered)
+        pred = extract_answer(text)
+        score = 0.0
+        if pred is None:
+            score += w["quality"] * (len(set(words)) / len(words) if words else 0.0)
+        elif gold is not None and is_correct(pred, gold):
+            score += w["correct"]
+        score += w["length"] * (20 <= len(words) <= 300)
+        score += w["math"] * bool(_MATH_RE.search(text))
+        score += min(w["steps"], 0.05 * len(set(_STEP_WORDS) & set(words)))
+        score += w["format"] * bool(_FORMAT_RE.match(text))
+        score += w["numbers"] * bool(_DIGITS_RE.search(text))
+        score += w["calculation"] * bool(_CALC_RE.search(text))
+        out.append(score)
+    return out
+
+
+def stop_tag_bonus(completions, **kwargs):
+    """0.5 when the completion closes with the </response> stop tag, else 0. Range {0, 0.5}."""
+    return [0.5 if completion_text(c).rstrip().endswith(STOP_TAG) else 0.0 for c in completions]
+
+
+# ---------------------------------------------------------------------------- combining
+
+class CombinedReward:
+    """Several rewards as one, weighted per batch. A class, not a closure, so that it pickles.
+
+    method:
+      uniform  mean of the rewards
+      std      each reward weighted by 1 / its std over the batch (weights sum to 1)
+      pca      projection on the first principal component of the batch's reward matrix
+      l2       each reward divided by its L2 norm over the batch, then summed
+    A None from one reward drops that reward for that completion; all None gives None.
+    """
+
+    METHODS = ("uniform", "std", "pca", "l2")
+
+    def __init__(self, funcs, method="uniform", name=None):
+        if method not in self.METHODS:
+            raise ValueError(f"unknown combine method {method!r}; choose one of {self.METHODS}")
+        if not funcs:
+            raise ValueError("combine_rewards needs at least one reward function")
+        self.funcs = list(funcs)
+        self.method = method
+        self.__name__ = name or f"combined_{method}_reward"
+
+    def weights(self, scores):
+        """Per-reward weights for a [n_completions, n_rewards] matrix with NaN for missing."""
+        k = scores.shape[1]
+        if self.method == "uniform":
+            return np.full(k, 1.0 / k)
+        filled = np.where(np.isnan(scores), np.nanmean(scores, axis=0), scores)
+        filled = np.nan_to_num(filled)
+        if self.method == "std":
+            inv = 1.0 / np.maximum(filled.std(axis=0), 1e-6)
+            return inv / inv.sum()
+        if self.method == "l2":
+            return 1.0 / np.maximum(np.linalg.norm(filled, axis=0), 1e-6)
+        centered = filled - filled.mean(axis=0)
+        if len(filled) < 2 or not centered.any():
+            return np.full(k, 1.0 / k)
+        _, _, vt = np.linalg.svd(centered, full_matrices=False)
+        pc = vt[0]
+        return pc * np.sign(pc.sum() or 1.0)
+
+    def __call__(self, completions, **kwargs):
+        columns = [f(completions, **kwargs) for f in self.funcs]
+        scores = np.array(
+            [[np.nan if v is None else v for v in col] for col in columns], dtype=float
+        ).T
+        w = self.weights(scores)
+        out = []
+        for row in scores:
+            present = ~np.isnan(row)
+            if not present.any():
+                out.append(None)
+            elif self.method in ("uniform", "std"):
+                out.append(float(row[present] @ w[present] / w[present].sum()))
+            else:
+                out.append(float(row[present] @ w[present]))
+        return out
+
+
+def combine_rewards(funcs, method="uniform", name=None):
+    """One named reward from several; see CombinedReward for the methods."""
+    return CombinedReward(funcs, method, name)
+
+
+# ---------------------------------------------------------------------------- registry
+
+REWARDS = {
+    f.__name__: f
+    for f in (
+        unique_chars_reward,
+        similarity_reward,
+        correctness_reward,
+        partial_credit_reward,
+        graded_correctness_reward,
+        format_exact_reward,
+        format_approx_reward,
+        number_extraction_reward,
+        hybrid_reward,
+        stop_tag_bonus,
+    )
+}
+
+# The GSM8K recipe: reward name -> weight, ready for GRPOConfig(reward_weights=list(values)).
+# Correctness dominates (max 2.0); the format terms (max 0.75 and +-0.5) teach the structure
+# early on, when few answers are right; partial credit (max 0.5) gives a gradient to near misses.
+GSM8K_REWARD_WEIGHTS = {
+    "correctness_reward": 2.0,
+    "format_exact_reward": 0.25,
+    "format_approx_reward": 0.25,
+    "partial_credit_reward": 0.5,
+}
+
+
+def get_reward_funcs(names):
+    """Look up reward functions by name, with a clear error for an unknown one."""
+    unknown = [n for n in names if n not in REWARDS]
+    if unknown:
+        raise ValueError(f"unknown reward(s) {unknown}; available: {', '.join(REWARDS)}")
+    return [REWARDS[n] for n in names]
