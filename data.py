@@ -47,9 +47,8 @@ def _read_local(path):
     if path.endswith(".jsonl"):
         rows = []
         with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+            # Number rows, not lines (blank ones are skipped), as load_gsm8k's own errors do.
+            for i, line in enumerate((line for line in f if line.strip()), 1):
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as e:
@@ -72,6 +71,7 @@ def load_gsm8k(source=GSM8K_HUB_ID, split="train", limit=None, seed=0):
     """GSM8K as a Dataset of {question, cot, answer}; ``limit`` takes a seeded random subset."""
     from datasets import Dataset
 
+    source = os.fspath(source)  # a pathlib.Path as well
     if os.path.isdir(source):
         source = os.path.join(source, f"{split}.jsonl")
     if os.path.exists(source):

@@ -154,6 +154,9 @@ def load_pretrained(name_or_path, dtype=None, quantize=False):
         folder, gguf = smollm2_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
+        # The GGUF weights are dequantized to ``dtype`` on load: a plain model, trainable with LoRA.
+        model.hf_quantizer, model.is_quantized = None, False
+        model.config.quantization_config = None
         tokenizer.eos_token = "<|im_end|>"  # the GGUF metadata names <|im_start|>
         tokenizer.pad_token = "<|endoftext|>"
     else:

@@ -25,6 +25,8 @@ signature above and a one-line docstring giving its range, then add it to ``REWA
 import difflib
 import math
 import re
+import unicodedata
+from decimal import Decimal
 
 import numpy as np
 
@@ -98,6 +100,8 @@ def normalize_number(text):
     if not numbers:
         return None
     s = numbers[0]
+    if not s.isascii():  # digits of other scripts (Arabic-Indic, full-width) become 0-9
+        s = "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in s)
     negative = "-" in s or "\u2212" in s
     whole, _, frac = re.sub(r"[^\d.]", "", s).partition(".")
     digits = (whole.lstrip("0") or "0") + ("." + frac.rstrip("0") if frac.rstrip("0") else "")
@@ -137,13 +141,15 @@ def _to_number(s):
 
 
 def is_correct(pred, gold, rel_tol=1e-6):
-    """Numeric equality with a small relative tolerance: '1,000' equals '1000.00'."""
-    p, g = _to_number(normalize_number(pred)), _to_number(normalize_number(gold))
+    """Numeric equality with a small relative tolerance: '1,000' equals '1000.00'; integers exactly."""
+    p, g = normalize_number(pred), normalize_number(gold)
     if p is None or g is None:
         return False
-    if isinstance(p, int) and isinstance(g, int):
-        return p == g
-    return math.isclose(p, g, rel_tol=rel_tol, abs_tol=1e-9)
+    if "." not in p and "." not in g:
+        return p == g  # normalized integer strings are canonical, so this is exact at any size
+    # Decimal, not float: a float overflows past 1e308, where isclose() raised or called inf == inf.
+    p, g = Decimal(p), Decimal(g)
+    return abs(p - g) <= max(Decimal(rel_tol) * max(abs(p), abs(g)), Decimal("1e-9"))
 
 
 def _relative_error(pred, gold):
@@ -180,7 +186,8 @@ def similarity_reward(completions, answer=None, **kwargs):
             continue
         text = completion_text(c)
         guess = extract_answer(text) or text
-        out.append(100.0 * difflib.SequenceMatcher(None, guess, str(gold)).ratio())
+        ref = normalize_number(gold) or str(gold)  # "1,000" and 18.0 read as the guess would
+        out.append(100.0 * difflib.SequenceMatcher(None, guess, ref).ratio())
     return out
 
 
@@ -247,7 +254,8 @@ def number_extraction_reward(completions, **kwargs):
     return out
 
 
-# hybrid_reward's parts and their weights; the maximum total is their sum, 3.6.
+# hybrid_reward's parts and their weights. 'correct' and 'quality' exclude each other (quality
+# applies only when no answer is extracted), so the maximum total is 3.85 - 0.25 = 3.6.
 HYBRID_WEIGHTS = {
     "correct": 2.0,        # the extracted answer is right: the signal that matters
     "quality": 0.25,       # no answer extracted: distinct-word ratio, so degenerate text ranks lowest
@@ -322,8 +330,10 @@ class CombinedReward:
         k = scores.shape[1]
         if self.method == "uniform":
             return np.full(k, 1.0 / k)
-        filled = np.where(np.isnan(scores), np.nanmean(scores, axis=0), scores)
-        filled = np.nan_to_num(filled)
+        # A missing score counts as its reward's batch mean (0 when the whole column is missing).
+        present = ~np.isnan(scores)
+        col_mean = np.where(present, scores, 0.0).sum(axis=0) / np.maximum(present.sum(axis=0), 1)
+        filled = np.where(present, scores, col_mean)
         if self.method == "std":
             inv = 1.0 / np.maximum(filled.std(axis=0), 1e-6)
             return inv / inv.sum()
