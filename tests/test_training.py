@@ -1,0 +1,209 @@
+"""The training scripts end to end on the tiny --smoke model (CPU, offline), and their settings."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import models
+import train_gsm8k
+import train_synthetic
+import training
+from conftest import GSM8K_DIR, ROOT
+
+
+def run_script(script, *flags, check=True):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *flags],
+        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {flags} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def stats_of(run_dir):
+    with open(os.path.join(run_dir, training.STATS_FILE)) as f:
+        return json.load(f)
+
+
+def assert_reloadable_run(run_dir, steps):
+    """The run folder holds what the README promises, and the adapter reloads with PEFT."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.json",
+                 "training_stats.json", "rewards.png", "eval.json", f"checkpoint-{steps}"):
+        assert os.path.exists(os.path.join(run_dir, name)), name
+    # one stats entry per step, in order
+    assert [e["step"] for e in stats_of(run_dir)] == list(range(1, steps + 1))
+    base = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "base-model"))
+    model = PeftModel.from_pretrained(base, run_dir)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir)
+    ids = tokenizer("12 apples", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == len(tokenizer)
+    # the trained LoRA B matrices are no longer all zero, so the adapter holds the training
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_synthetic_smoke_end_to_end(tmp_path):
+    out = str(tmp_path / "run")
+    proc = run_script("train_synthetic.py", "--smoke", "--output-dir", out)
+    assert "backend: trl (--smoke" in proc.stdout  # it says which path it took
+    assert "step    4/4 | reward" in proc.stdout  # the fixed-format progress line
+    assert_reloadable_run(out, steps=4)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["settings"]["prompt_style"] == "xml" and config["backend"] == "trl"
+    # every step logs the mean reward of the agents it sampled (one question, so one agent, per step)
+    names = {f"agents/{a}/reward" for a in ["step_by_step", "concise", "verify", "teacher"]}
+    for entry in stats_of(out):
+        keys = {k for k in entry if k.startswith("agents/")}
+        assert keys and keys <= names
+        assert entry[keys.pop()] == pytest.approx(entry["reward"])  # one agent: its mean is the step's
+    evaluation = json.load(open(os.path.join(out, "eval.json")))
+    assert evaluation["n"] == 2 and 0 <= evaluation["accuracy"] <= 1
+
+
+def test_gsm8k_smoke_end_to_end(tmp_path):
+    train_file = os.path.join(GSM8K_DIR, "train.jsonl")
+    if not os.path.exists(train_file):
+        pytest.skip(f"GSM8K files not found at {GSM8K_DIR} (a clone without ../shared/data)")
+    out = str(tmp_path / "run")
+    proc = run_script("train_gsm8k.py", "--smoke", "--dataset", train_file, "--output-dir", out)
+    assert "quick evaluation on 2 held-out questions" in proc.stdout
+    assert_reloadable_run(out, steps=4)
+    stats = stats_of(out)
+    assert all("rewards/correctness_reward/mean" in e for e in stats)  # the GSM8K recipe's rewards
+
+
+def test_resume_continues_steps_and_stats(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    common = ["--smoke", "--skip-evaluation"]
+    run_script("train_synthetic.py", *common, "--output-dir", straight, "--max-steps", "4")
+    run_script("train_synthetic.py", *common, "--output-dir", resumed, "--max-steps", "2")
+    assert os.path.exists(os.path.join(resumed, "checkpoint-2", "optimizer.pt"))  # optimizer state saved
+    run_script("train_synthetic.py", *common, "--output-dir", resumed, "--resume", "--max-steps", "4")
+    a, b = stats_of(straight), stats_of(resumed)
+    assert [e["step"] for e in b] == [1, 2, 3, 4]
+    # Same weights and random state after the resume: step 3 samples the same completions and
+    # computes the same gradient as the uninterrupted run. (Step 4's learning rate differs: the
+    # cosine schedule of the first part was built for 2 steps.)
+    assert [e["reward"] for e in a] == [e["reward"] for e in b]
+    assert [e["grad_norm"] for e in a[:3]] == pytest.approx([e["grad_norm"] for e in b[:3]], rel=1e-5)
+    state = json.load(open(os.path.join(resumed, "checkpoint-4", "trainer_state.json")))
+    assert state["global_step"] == 4
+
+
+def test_existing_output_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("a previous run")
+    proc = run_script("train_synthetic.py", "--smoke", "--output-dir", str(out), check=False)
+    assert proc.returncode != 0
+    assert "already holds a run" in proc.stderr and "--resume" in proc.stderr
+    assert (out / "notes.txt").read_text() == "a previous run"  # nothing was touched
+
+
+def test_overwrite_moves_the_old_run_aside(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("a previous run")
+    training.prepare_output_dir({"output_dir": str(out), "resume": False, "overwrite": True})
+    backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
+    assert len(backups) == 1 and (backups[0] / "notes.txt").read_text() == "a previous run"
+    assert out.is_dir() and not any(out.iterdir())
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no checkpoint-N folder"):
+        training.prepare_output_dir({"output_dir": str(tmp_path), "resume": True, "overwrite": False})
+
+
+def parse(argv, defaults=train_gsm8k.DEFAULTS, extra=train_gsm8k.add_args):
+    return training.parse_settings("test", defaults, argv, extra)
+
+
+@pytest.mark.parametrize("argv, message", [
+    # 4 x 1 = 4 completions per step cannot hold whole groups of 3
+    (["--smoke", "--num-generations", "3", "--batch-size", "4"], "must be a multiple of --num-generations"),
+    (["--smoke", "--num-generations", "1"], "at least 2"),  # one completion has no group to compare
+    (["--smoke", "--learning-rate", "0"], "positive"),
+    (["--smoke", "--learning-rate", "nan"], "positive"),
+    (["--smoke", "--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--smoke", "--rewards", "correctness_reward,made_up_reward"], "made_up_reward"),
+    (["--smoke", "--rewards", "correctness_reward:heavy"], "not a number"),
+    (["--smoke", "--agents", "nonsense"], "unknown agent set"),
+    (["--smoke", "--resume", "--overwrite"], "contradict"),
+    (["--smoke", "--max-stepz", "3"], "unrecognized arguments"),  # a typo is refused, not ignored
+    (["--smoke", "--max-steps", "three"], "invalid int value"),
+    (["--smoke", "--save-gguf", "q4_k_m", "--backend", "trl"], "unsloth backend"),
+])
+def test_bad_settings_are_refused_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_batch_defaults_to_one_group():
+    s = parse(["--smoke", "--num-generations", "6", "--max-steps", "1"])
+    assert s["batch_size"] == 6  # None resolves to num_generations: the one unambiguous fix
+
+
+def test_precedence_defaults_then_smoke_then_flags():
+    s = parse(["--smoke", "--max-steps", "7"])
+    assert s["model_name"] == "tiny"   # from SMOKE
+    assert s["max_steps"] == 7         # the flag wins
+    assert s["reward_weights"]["correctness_reward"] == 2.0  # from the script's DEFAULTS
+
+
+def test_default_model_without_cuda_stops_with_a_pointer(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        parse([])
+    message = str(exc.value.code)
+    assert "needs a CUDA GPU" in message and "--smoke" in message and "nothing was downloaded" in message
+
+
+def test_default_model_without_cuda_as_a_script():
+    proc = run_script("train_gsm8k.py", check=False)  # no flags: the GPU recipe, on a CPU machine
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert proc.returncode != 0 and "--smoke" in proc.stderr
+
+
+def test_notebook_kernel_arguments_are_ignored(monkeypatch):
+    # A script pasted into Colab runs with the kernel's argv: ipykernel_launcher.py -f kernel.json
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/kernel-123.json"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a Colab GPU runtime
+    s = training.parse_settings("test", train_synthetic.DEFAULTS, None, train_synthetic.add_args)
+    assert s["max_steps"] == train_synthetic.DEFAULTS["max_steps"]
+
+
+def test_backend_auto_without_unsloth(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "unsloth", None)  # "import unsloth" now raises ImportError
+    assert models.choose_backend("auto") == ("trl", "unsloth not installed")
+    with pytest.raises(SystemExit, match="unsloth is not installed"):
+        models.choose_backend("unsloth")
+
+
+def test_backend_auto_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert models.choose_backend("auto") == ("trl", "no CUDA device")
+    assert models.choose_backend("trl")[0] == "trl"
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        models.choose_backend("unsloth")
+
+
+def test_stats_file_is_written_atomically(tmp_path):
+    path = str(tmp_path / "stats.json")
+    training.write_json_atomic(path, [{"step": 1}])
+    training.write_json_atomic(path, [{"step": 1}, {"step": 2}])
+    assert json.load(open(path)) == [{"step": 1}, {"step": 2}]
+    assert os.listdir(tmp_path) == ["stats.json"]  # no temporary file left behind

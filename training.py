@@ -1,0 +1,541 @@
+"""The training wiring that train_gsm8k.py and train_synthetic.py share.
+
+    settings  parse_settings(): the script's DEFAULTS, then --smoke's, then the flags given;
+              values that cannot work are refused here, before any model loads
+    model     load_model(): the unsloth or trl backend (models.py), or the tiny --smoke model
+    trainer   KitGRPOTrainer: TRL's GRPOTrainer plus per-agent reward logging and stop strings
+    outputs   one run folder: adapter + tokenizer, config.json, training_stats.json (per step,
+              written atomically), rewards.png, checkpoints, eval.json; never silently overwritten
+
+A script supplies its DEFAULTS, its SMOKE overrides and a ``load_data(settings)`` that returns
+(train rows, held-out rows), each with ``question`` and ``answer``; main() does the rest.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+import models
+from agents import build_prompt, expand_agents, get_agents
+from rewards import GSM8K_REWARD_WEIGHTS, STOP_TAG, completion_text, extract_answer, get_reward_funcs, is_correct
+
+STATS_FILE = "training_stats.json"
+CONFIG_FILE = "config.json"
+REPORT_TO = ("none", "trackio", "wandb", "tensorboard")
+
+# Plumbing settings both scripts share; each script's DEFAULTS holds its recipe.
+COMMON_DEFAULTS = dict(
+    backend="auto",           # auto: unsloth on a CUDA machine where it imports, else trl
+    temperature=1.0,          # rollout sampling temperature
+    seed=3407,
+    max_prompt_length=256,    # tokens; sizes Unsloth's max_seq_length together with completions
+    output_dir=None,
+    resume=False,
+    overwrite=False,
+    save_steps=50,            # checkpoint every N steps (optimizer state included, for --resume)
+    save_merged=False,
+    save_gguf=None,
+    skip_evaluation=False,
+    eval_examples=8,          # held-out questions for the quick evaluation after training
+    report_to="none",         # trackers are opt-in
+    project_name="grpo-math",
+    sample_every=10,          # print a sample completion every N steps
+    smoke=False,
+)
+
+# The tiny CPU run behind --smoke: every part of the pipeline, in well under a minute.
+SMOKE = dict(
+    model_name="tiny", backend="trl", max_steps=4, batch_size=None, gradient_accumulation_steps=1,
+    num_generations=4, max_completion_length=24, max_examples=8, lora_rank=4, learning_rate=5e-4,
+    save_steps=2, eval_examples=2, sample_every=2,
+)
+
+
+# ---------------------------------------------------------------------------- settings
+
+def build_parser(description, defaults, extra_args=None):
+    """argparse with help on every flag. Defaults come from the script's DEFAULTS block;
+    ``extra_args(group_adder)`` adds a script's own flags."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # so that only the flags given are set
+    )
+
+    def add(group, flag, help, **kw):
+        key = flag.lstrip("-").replace("-", "_")
+        group.add_argument(flag, help=f"{help} (default: {defaults.get(key)})", **kw)
+
+    m = p.add_argument_group("model")
+    add(m, "--model-name", "hub id or local folder; 'tiny' = the offline smoke model", type=str)
+    add(m, "--backend", "unsloth (4-bit, fast) or trl (transformers + PEFT); auto picks", choices=["auto", "unsloth", "trl"])
+    add(m, "--lora-rank", "LoRA rank; lower it (8) if out of memory", type=int)
+    g = p.add_argument_group("GRPO")
+    add(g, "--max-steps", "optimizer steps", type=int)
+    add(g, "--learning-rate", "AdamW learning rate", type=float)
+    add(g, "--batch-size", "prompts x generations per device step; empty = num_generations", type=int)
+    add(g, "--gradient-accumulation-steps", "steps per optimizer update; raise it instead of --batch-size if out of memory", type=int)
+    add(g, "--num-generations", "completions per prompt (the GRPO group); lower it if out of memory", type=int)
+    add(g, "--max-completion-length", "tokens per completion; lower it if out of memory", type=int)
+    add(g, "--temperature", "sampling temperature for the rollouts", type=float)
+    add(g, "--seed", "random seed for data, agents and LoRA init", type=int)
+    d = p.add_argument_group("data and agents")
+    add(d, "--max-examples", "questions to train on", type=int)
+    add(d, "--rewards", "comma-separated reward names from rewards.REWARDS, each optionally name:weight", type=str)
+    add(d, "--agents", "agent set (core, strategies, personas), a count, or instructions split by '|'", type=str)
+    add(d, "--agent-sampling", "'all': every question once per agent; 'random': one agent per question", choices=["all", "random"])
+    add(d, "--prompt-style", "chat (structured <SOLUTION> format) or xml (answer closed by </response>)", choices=["chat", "xml"])
+    o = p.add_argument_group("outputs")
+    add(o, "--output-dir", "run folder; refused if it exists, unless --resume or --overwrite", type=str)
+    add(o, "--resume", "continue from the last checkpoint in --output-dir", action="store_true")
+    add(o, "--overwrite", "move an existing --output-dir aside (to NAME.old-TIME) and start afresh", action="store_true")
+    add(o, "--save-steps", "write a checkpoint every N steps", type=int)
+    add(o, "--save-merged", "also save a merged 16-bit model in RUN/merged", action="store_true")
+    add(o, "--save-gguf", "also save a GGUF file with this quantization, e.g. q4_k_m (unsloth backend)", type=str)
+    add(o, "--skip-evaluation", "skip the quick held-out evaluation after training", action="store_true")
+    add(o, "--eval-examples", "held-out questions for the quick evaluation", type=int)
+    lg = p.add_argument_group("logging")
+    add(lg, "--report-to", "experiment tracker", choices=list(REPORT_TO))
+    add(lg, "--project-name", "tracker project name", type=str)
+    add(lg, "--sample-every", "print a sample completion every N steps (0 = never)", type=int)
+    add(lg, "--smoke", "tiny offline model on CPU, a few steps: checks the whole pipeline", action="store_true")
+    if extra_args:
+        extra_args(lambda flag, help, **kw: add(d, flag, help, **kw))
+    return p
+
+
+def in_notebook():
+    """True inside a Jupyter/Colab/Kaggle kernel, whose own argv must not reach the parser."""
+    return "ipykernel" in sys.modules or os.path.basename(sys.argv[0]).startswith("ipykernel")
+
+
+def parse_settings(description, defaults, argv=None, extra_args=None):
+    """DEFAULTS, then --smoke's overrides, then the saved config on --resume, then the flags given."""
+    defaults = {**COMMON_DEFAULTS, **defaults}
+    parser = build_parser(description, defaults, extra_args)
+    if argv is None:
+        argv = [] if in_notebook() else sys.argv[1:]
+    given = vars(parser.parse_args(argv))
+    settings = {**defaults, **(SMOKE if given.get("smoke") else {})}
+    saved = os.path.join(given.get("output_dir", settings["output_dir"]), CONFIG_FILE)
+    if given.get("resume") and os.path.exists(saved):
+        with open(saved) as f:
+            settings.update(json.load(f)["settings"])
+        settings["resume"] = settings["overwrite"] = False
+    settings.update(given)
+    try:
+        return validate(settings)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def parse_reward_spec(spec):
+    """'correctness_reward:2,format_exact_reward' -> {'correctness_reward': 2.0, 'format_exact_reward': 1.0}."""
+    weights = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, weight = item.partition(":")
+        try:
+            weights[name] = float(weight) if weight else GSM8K_REWARD_WEIGHTS.get(name, 1.0)
+        except ValueError:
+            raise ValueError(f"--rewards: weight {weight!r} of {name} is not a number") from None
+    get_reward_funcs(list(weights))  # raises on an unknown name
+    if not weights:
+        raise ValueError("--rewards: give at least one reward name")
+    return weights
+
+
+def validate(s):
+    """Refuse settings that cannot work, with the reason; fix the batch only where unambiguous."""
+    for key in ("max_steps", "num_generations", "max_completion_length", "lora_rank", "max_examples",
+                "gradient_accumulation_steps", "save_steps"):
+        if s[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {s[key]}")
+    if s["num_generations"] < 2:
+        raise ValueError("--num-generations must be at least 2: GRPO compares completions within a group")
+    if not s["learning_rate"] > 0 or not math.isfinite(s["learning_rate"]):
+        raise ValueError(f"--learning-rate must be a positive number, got {s['learning_rate']}")
+    if s["batch_size"] is None:
+        s["batch_size"] = s["num_generations"]  # one prompt's group per step: the unambiguous choice
+    per_generation = s["batch_size"] * s["gradient_accumulation_steps"]
+    if s["batch_size"] < 1 or per_generation % s["num_generations"]:
+        raise ValueError(
+            f"--batch-size x --gradient-accumulation-steps = {per_generation} must be a multiple of "
+            f"--num-generations = {s['num_generations']} (each prompt's group of completions is scored "
+            f"together); for example --batch-size {s['num_generations']}"
+        )
+    s["reward_weights"] = parse_reward_spec(s["rewards"])
+    get_agents(s["agents"])  # raises on a bad spec
+    if s["report_to"] not in REPORT_TO:
+        raise ValueError(f"--report-to must be one of {REPORT_TO}")
+    if s["resume"] and s["overwrite"]:
+        raise ValueError("--resume and --overwrite contradict each other; give one")
+    if s["save_gguf"] and s["backend"] == "trl":
+        raise ValueError("--save-gguf needs the unsloth backend (it converts with llama.cpp); use --save-merged")
+    if s["model_name"] == models.DEFAULT_MODEL and not s["smoke"] and not torch.cuda.is_available():
+        raise SystemExit(
+            f"{models.DEFAULT_MODEL} needs a CUDA GPU and none is visible, so nothing was downloaded.\n"
+            "  Check the pipeline on this machine:  python " + os.path.basename(sys.argv[0]) + " --smoke\n"
+            "  Train for real on a GPU (Colab, Kaggle or a 12-24 GB card), or pick a small --model-name."
+        )
+    return s
+
+
+def prepare_output_dir(s):
+    """Refuse an existing run folder unless --resume or --overwrite; --overwrite keeps the old one aside."""
+    out = s["output_dir"]
+    exists = os.path.isdir(out) and os.listdir(out)
+    if s["resume"]:
+        if not exists or last_checkpoint(out) is None:
+            raise SystemExit(f"--resume: no checkpoint-N folder in {out!r} to continue from")
+    elif exists:
+        if not s["overwrite"]:
+            raise SystemExit(
+                f"{out!r} already holds a run. Continue it with --resume, move it aside with "
+                "--overwrite, or choose another --output-dir."
+            )
+        backup = f"{out.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(out, backup)
+        print(f"--overwrite: moved the previous run to {backup}")
+    os.makedirs(out, exist_ok=True)
+
+
+def last_checkpoint(out):
+    steps = [int(d.split("-")[1]) for d in os.listdir(out) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
+    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
+
+
+def write_json_atomic(path, obj):
+    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- model
+
+def load_model(s):
+    """(model with LoRA, tokenizer, backend, reason)."""
+    if s["model_name"] == "tiny":
+        model, tokenizer = models.tiny_model_and_tokenizer(seed=s["seed"])
+        # The random base lives only in this process: save it, so that the adapter can be reloaded.
+        base_dir = os.path.abspath(os.path.join(s["output_dir"], "base-model"))
+        if not os.path.isdir(base_dir):
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+        model.config._name_or_path = base_dir
+        backend, reason = "trl", "--smoke: tiny offline model on CPU"
+        return models.add_lora(model, s["lora_rank"], s["seed"]), tokenizer, backend, reason
+    backend, reason = models.choose_backend(s["backend"])
+    if backend == "unsloth":
+        model, tokenizer = models.load_unsloth(
+            s["model_name"], max_seq_length=s["max_seq_length"], lora_rank=s["lora_rank"], seed=s["seed"]
+        )
+        return model, tokenizer, backend, reason
+    cuda = torch.cuda.is_available()
+    model, tokenizer = models.load_pretrained(s["model_name"], quantize=cuda)
+    model = models.add_lora(model, s["lora_rank"], s["seed"], gradient_checkpointing=cuda)
+    return model, tokenizer, backend, reason
+
+
+# ---------------------------------------------------------------------------- trainer
+
+def make_trainer_class():
+    """Subclass of whichever GRPOTrainer is current (Unsloth patches trl's on import)."""
+    from trl import GRPOTrainer
+
+    class KitGRPOTrainer(GRPOTrainer):
+        """GRPOTrainer that also logs the mean reward of each agent as agents/<name>/reward."""
+
+        def __init__(self, *args, reward_weights=None, stop_strings=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.kit_reward_weights = reward_weights
+            self.agent_rewards = defaultdict(list)
+            self.last_sample = None
+            if stop_strings and not getattr(self, "use_vllm", False):
+                # transformers' generate() needs the tokenizer to match stop strings; TRL doesn't pass it.
+                generate, tokenizer = self.model.generate, self.processing_class
+
+                def generate_with_tokenizer(*args, **kwargs):
+                    kwargs.setdefault("tokenizer", tokenizer)
+                    return generate(*args, **kwargs)
+
+                self.model.generate = generate_with_tokenizer
+
+        def _generate_and_score_completions(self, inputs):
+            out = super()._generate_and_score_completions(inputs)
+            n = len(inputs)
+            logged = getattr(self, "_logs", {}).get("rewards", {})
+            if "agent" in inputs[0] and logged:
+                totals = torch.zeros(n)
+                for name, weight in self.kit_reward_weights.items():
+                    totals += weight * torch.tensor(list(logged[name])[-n:], dtype=torch.float).nan_to_num()
+                for row, total in zip(inputs, totals.tolist()):
+                    self.agent_rewards[row["agent"]].append(total)
+                completion = list(self._logs["completion"])[-1]
+                self.last_sample = (inputs[-1]["agent"], inputs[-1].get("answer"), completion, totals[-1].item())
+            return out
+
+        def log(self, logs, start_time=None):
+            if self.model.training and self.agent_rewards:
+                for agent, values in sorted(self.agent_rewards.items()):
+                    logs[f"agents/{agent}/reward"] = sum(values) / len(values)
+                self.agent_rewards.clear()
+            super().log(logs, start_time)
+
+    return KitGRPOTrainer
+
+
+def make_progress(s, stats):
+    """The progress bar with one fixed-format line per logging step, stats writing, final checkpoint."""
+    from transformers import ProgressCallback, TrainerCallback
+
+    stats_path = os.path.join(s["output_dir"], STATS_FILE)
+    correct_key = next((f"rewards/{n}/mean" for n in s["reward_weights"] if "correct" in n), None)
+
+    class KitProgress(ProgressCallback):
+        def __init__(self):
+            super().__init__()
+            self.trainer = None  # set once the trainer exists, for its sample completions
+            self.step_start = time.perf_counter()
+            self.step_seconds = 0.0
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.step_start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.step_seconds = time.perf_counter() - self.step_start
+            super().on_step_end(args, state, control, **kw)
+            if state.global_step >= state.max_steps:
+                control.should_save = True  # always leave a checkpoint at the last step, for --resume
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if "reward" not in logs:
+                return
+            entry = {"step": state.global_step, "step_time": round(self.step_seconds, 3), **logs}
+            stats[:] = [e for e in stats if e["step"] < state.global_step] + [entry]
+            write_json_atomic(stats_path, stats)
+            fmt = lambda k, spec: format(logs[k], spec) if logs.get(k) is not None else "-"
+            line = (
+                f"step {state.global_step:>4}/{state.max_steps} | reward {fmt('reward', '.3f')} ± "
+                f"{fmt('reward_std', '.3f')} | correct {fmt(correct_key, '.3f')} | "
+                f"len {fmt('completions/mean_length', '.1f')} | zero_std {fmt('frac_reward_zero_std', '.2f')} | "
+                f"{self.step_seconds:.2f} s/step"
+            )
+            write = self.training_bar.write if self.training_bar is not None else print
+            write(line)
+            sample = getattr(self.trainer, "last_sample", None)
+            if s["sample_every"] and sample and state.global_step % s["sample_every"] == 0:
+                agent, gold, completion, reward = sample
+                write(f"  sample [{agent}] gold={gold} reward={reward:.2f}: {completion_text(completion)[:300]!r}")
+
+    return KitProgress()
+
+
+def grpo_config(s, backend, tokenizer):
+    from trl import GRPOConfig
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    kwargs = dict(
+        output_dir=s["output_dir"],
+        max_steps=s["max_steps"],
+        learning_rate=s["learning_rate"],
+        per_device_train_batch_size=s["batch_size"],
+        gradient_accumulation_steps=s["gradient_accumulation_steps"],
+        num_generations=s["num_generations"],
+        max_completion_length=s["max_completion_length"],
+        temperature=s["temperature"],
+        reward_weights=list(s["reward_weights"].values()),
+        beta=0.0,  # no KL term, so no reference model: one copy of the weights in memory
+        logging_steps=1,
+        save_steps=s["save_steps"],
+        save_total_limit=2,
+        report_to=[] if s["report_to"] == "none" else [s["report_to"]],
+        project=s["project_name"],
+        seed=s["seed"],
+        use_cpu=not cuda,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        # unsloth checkpoints its own way (use_gradient_checkpointing="unsloth"); the tiny CPU model needs none
+        gradient_checkpointing=cuda and backend == "trl",
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, s["max_steps"] // 10),
+        optim="adamw_8bit" if cuda else "adamw_torch",  # 8-bit Adam states save memory on a GPU
+        disable_tqdm=False,
+        shuffle_dataset=not s.get("curriculum", False),  # a curriculum keeps its easy-to-hard order
+    )
+    if s["prompt_style"] == "xml":
+        if backend == "unsloth" and models.vllm_available():
+            from vllm import SamplingParams
+
+            kwargs["vllm_sampling_params"] = SamplingParams(stop=[STOP_TAG], include_stop_str_in_output=True)
+        else:
+            # After a stop string, transformers pads the row; padding with eos lets TRL mask it out.
+            kwargs["generation_kwargs"] = {"stop_strings": [STOP_TAG], "pad_token_id": tokenizer.eos_token_id}
+    return GRPOConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------- outputs
+
+def plot_rewards(stats, path):
+    """rewards.png: the mean reward and each reward component over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in stats]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(steps, [e.get("reward") for e in stats], lw=2.5, color="black", label="reward (weighted sum)")
+    for key in sorted({k for e in stats for k in e if k.startswith("rewards/") and k.endswith("/mean")}):
+        ax.plot(steps, [e.get(key) for e in stats], lw=1, label=key.split("/")[1])
+    ax.set(xlabel="step", ylabel="mean reward", title="GRPO rewards")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path[:-4] + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def save_outputs(s, model, tokenizer, backend):
+    out = s["output_dir"]
+    model.save_pretrained(out)  # the LoRA adapter: adapter_config.json + adapter_model.safetensors
+    tokenizer.save_pretrained(out)
+    if s["save_merged"]:
+        merged = os.path.join(out, "merged")
+        if backend == "unsloth":
+            model.save_pretrained_merged(merged, tokenizer, save_method="merged_16bit")
+        else:
+            base = model
+            if getattr(model, "is_loaded_in_4bit", False) or getattr(model.base_model, "is_loaded_in_4bit", False):
+                base, _ = models.load_pretrained(s["model_name"], quantize=False)
+                base = models.load_adapter(base, out)
+            base.merge_and_unload().save_pretrained(merged)
+            tokenizer.save_pretrained(merged)
+        print(f"merged 16-bit model: {merged}")
+    if s["save_gguf"]:
+        gguf_dir = os.path.join(out, "gguf")
+        model.save_pretrained_gguf(gguf_dir, tokenizer, quantization_method=s["save_gguf"])
+        print(f"GGUF ({s['save_gguf']}): {gguf_dir}")
+
+
+@torch.no_grad()
+def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens, batch_size=8):
+    """Greedy answers of the first agent on held-out rows: accuracy (rewards.is_correct) and format."""
+    from rewards import SOLUTION_START
+
+    instruction = next(iter(get_agents(agents).values()))
+    prompts = [build_prompt(instruction, r["question"], style) for r in rows]
+    if style == "chat":
+        prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    marker = SOLUTION_START if style == "chat" else STOP_TAG
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    records = []
+    for i in range(0, len(prompts), batch_size):
+        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
+        gen = model.generate(
+            **enc, max_new_tokens=max_new_tokens, do_sample=False, tokenizer=tokenizer,
+            stop_strings=[STOP_TAG] if style == "xml" else None, pad_token_id=tokenizer.pad_token_id,
+        )
+        for row, ids in zip(rows[i : i + batch_size], gen[:, enc["input_ids"].shape[1] :]):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            pred = extract_answer(text)
+            records.append({"question": row["question"], "gold": row["answer"], "pred": pred,
+                            "correct": is_correct(pred, row["answer"]), "formatted": marker in text,
+                            "completion": text})
+    tokenizer.padding_side = side
+    model.train(was_training)
+    n = len(records)
+    return {"n": n, "accuracy": sum(r["correct"] for r in records) / n,
+            "format_compliance": sum(r["formatted"] for r in records) / n, "records": records}
+
+
+# ---------------------------------------------------------------------------- main
+
+def main(description, defaults, load_data, argv=None, extra_args=None):
+    """Parse settings, load data and model, train with GRPO, save, evaluate."""
+    from datasets import Dataset
+
+    s = parse_settings(description, defaults, argv, extra_args)
+    s["max_seq_length"] = s["max_prompt_length"] + s["max_completion_length"]
+    prepare_output_dir(s)
+    t0 = time.time()
+    train_rows, eval_rows = load_data(s)
+    dataset = Dataset.from_list(
+        expand_agents(list(train_rows), s["agents"], s["agent_sampling"], s["seed"], style=s["prompt_style"])
+    )
+    model, tokenizer, backend, reason = load_model(s)  # imports unsloth, when used, before trl
+    print(f"backend: {backend} ({reason})")
+    settings = {k: v for k, v in s.items() if k not in ("reward_weights", "max_seq_length")}
+    write_json_atomic(os.path.join(s["output_dir"], CONFIG_FILE), {
+        "settings": settings, "backend": backend, "backend_reason": reason,
+        "reward_weights": s["reward_weights"], "agents": get_agents(s["agents"]),
+        "train_prompts": len(dataset), "versions": package_versions(),
+    })
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+
+    stats_path = os.path.join(s["output_dir"], STATS_FILE)
+    stats = json.load(open(stats_path)) if s["resume"] and os.path.exists(stats_path) else []
+    trainer = make_trainer_class()(
+        model=model,
+        reward_funcs=get_reward_funcs(list(s["reward_weights"])),
+        args=grpo_config(s, backend, tokenizer),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=None,
+        reward_weights=s["reward_weights"],
+        stop_strings=[STOP_TAG] if s["prompt_style"] == "xml" else None,
+    )
+    from transformers import ProgressCallback
+
+    progress = make_progress(s, stats)
+    progress.trainer = trainer
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress)
+    try:
+        trainer.train(resume_from_checkpoint=last_checkpoint(s["output_dir"]) if s["resume"] else None)
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(
+            "CUDA out of memory. Lower, in this order: --num-generations, --max-completion-length, "
+            "--batch-size (raise --gradient-accumulation-steps to compensate), --lora-rank."
+        ) from None
+
+    save_outputs(s, model, tokenizer, backend)
+    if stats:
+        plot_rewards(stats, os.path.join(s["output_dir"], "rewards.png"))
+    if not s["skip_evaluation"] and eval_rows:
+        if backend == "unsloth":
+            from unsloth import FastLanguageModel
+
+            FastLanguageModel.for_inference(model)
+        result = quick_eval(model, tokenizer, eval_rows, s["agents"], s["prompt_style"], s["max_completion_length"])
+        write_json_atomic(os.path.join(s["output_dir"], "eval.json"), result)
+        print(f"quick evaluation on {result['n']} held-out questions: accuracy {result['accuracy']:.3f}, "
+              f"format compliance {result['format_compliance']:.3f}")
+    print(f"done in {time.time() - t0:.1f} s; run folder: {s['output_dir']}")
+    return s
+
+
+def package_versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "peft", "datasets", "unsloth", "vllm", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
