@@ -122,6 +122,8 @@ def parse_settings(description, defaults, argv=None, extra_args=None):
         argv = [] if in_notebook() else sys.argv[1:]
     given = vars(parser.parse_args(argv))
     settings = {**defaults, **(SMOKE if given.get("smoke") else {})}
+    if given.get("smoke"):
+        settings["output_dir"] += "-smoke"  # a smoke run never takes the real run's folder
     saved = os.path.join(given.get("output_dir", settings["output_dir"]), CONFIG_FILE)
     if given.get("resume") and os.path.exists(saved):
         with open(saved) as f:
