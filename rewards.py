@@ -177,58 +177,51 @@ def unique_chars_reward(completions, **kwargs):
     return [float(len(set(completion_text(c)))) for c in completions]
 
 
-def similarity_reward(completions, answer=None, **kwargs):
-    """100 x difflib ratio of the final answer (else the whole text) to the reference. Range [0, 100]."""
-    out = []
-    for c, gold in zip(completions, _golds(answer, len(completions))):
-        if gold is None:
-            out.append(None)
-            continue
-        text = completion_text(c)
-        guess = extract_answer(text) or text
-        ref = normalize_number(gold) or str(gold)  # "1,000" and 18.0 read as the guess would
-        out.append(100.0 * difflib.SequenceMatcher(None, guess, ref).ratio())
-    return out
-
-
-def correctness_reward(completions, answer=None, **kwargs):
-    """1.0 if the extracted answer equals the reference numerically, else 0.0. Range {0, 1}."""
+def _per_completion(completions, answer, score):
+    """score(text, gold) for each completion; None where there is no reference answer."""
     return [
-        None if gold is None else float(is_correct(extract_answer(c), gold))
+        None if gold is None else score(completion_text(c), gold)
         for c, gold in zip(completions, _golds(answer, len(completions)))
     ]
 
 
+def _similarity(text, gold):
+    guess = extract_answer(text) or text
+    ref = normalize_number(gold) or str(gold)  # "1,000" and 18.0 read as the guess would
+    return 100.0 * difflib.SequenceMatcher(None, guess, ref).ratio()
+
+
+def _partial_credit(text, gold):
+    pred = extract_answer(text)
+    return 1.0 if is_correct(pred, gold) else max(0.0, 1.0 - _relative_error(pred, gold))
+
+
+def _graded(text, gold):
+    pred = extract_answer(text)
+    if is_correct(pred, gold):
+        return 3.0
+    err = _relative_error(pred, gold)
+    return 1.5 if err <= 0.10 else 0.5 if err <= 0.20 else -0.5
+
+
+def similarity_reward(completions, answer=None, **kwargs):
+    """100 x difflib ratio of the final answer (else the whole text) to the reference. Range [0, 100]."""
+    return _per_completion(completions, answer, _similarity)
+
+
+def correctness_reward(completions, answer=None, **kwargs):
+    """1.0 if the extracted answer equals the reference numerically, else 0.0. Range {0, 1}."""
+    return _per_completion(completions, answer, lambda text, gold: float(is_correct(extract_answer(text), gold)))
+
+
 def partial_credit_reward(completions, answer=None, **kwargs):
     """max(0, 1 - |pred - gold| / max(|gold|, 1)); 0.0 with no answer. Range [0, 1]."""
-    out = []
-    for c, gold in zip(completions, _golds(answer, len(completions))):
-        if gold is None:
-            out.append(None)
-            continue
-        pred = extract_answer(c)
-        out.append(1.0 if is_correct(pred, gold) else max(0.0, 1.0 - _relative_error(pred, gold)))
-    return out
+    return _per_completion(completions, answer, _partial_credit)
 
 
 def graded_correctness_reward(completions, answer=None, **kwargs):
     """3.0 exact, 1.5 within 10 %, 0.5 within 20 %, -0.5 wrong or missing. Range [-0.5, 3]."""
-    out = []
-    for c, gold in zip(completions, _golds(answer, len(completions))):
-        if gold is None:
-            out.append(None)
-            continue
-        pred = extract_answer(c)
-        err = _relative_error(pred, gold)
-        if is_correct(pred, gold):
-            out.append(3.0)
-        elif err <= 0.10:
-            out.append(1.5)
-        elif err <= 0.20:
-            out.append(0.5)
-        else:
-            out.append(-0.5)
-    return out
+    return _per_completion(completions, answer, _graded)
 
 
 def format_exact_reward(completions, **kwargs):
