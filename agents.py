@@ -19,7 +19,7 @@ import random
 
 import torch
 
-from rewards import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, normalize_number
+from rewards import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, STOP_TAG, normalize_number
 
 # Three documented sets of four agents. Users may pass their own dict, list or "a|b|c" string.
 AGENT_SETS = {
@@ -60,24 +60,27 @@ def get_agents(spec=None):
     """
     if spec is None:
         return dict(AGENT_SETS[DEFAULT_AGENT_SET])
+    is_count = (isinstance(spec, int) and not isinstance(spec, bool)) or (
+        isinstance(spec, str) and spec.strip().isascii() and spec.strip().isdigit()
+    )
     if isinstance(spec, dict):
         agents = dict(spec)
     elif isinstance(spec, (list, tuple)):
         agents = {f"agent{i}": str(text) for i, text in enumerate(spec)}
-    elif isinstance(spec, int) or str(spec).strip().isdigit():
+    elif is_count:
         every = {k: v for s in AGENT_SETS.values() for k, v in s.items()}
         n = int(spec)
         if not 1 <= n <= len(every):
             raise ValueError(f"agent count must be between 1 and {len(every)}, got {n}")
         agents = dict(list(every.items())[:n])
-    elif spec in AGENT_SETS:
+    elif isinstance(spec, str) and spec in AGENT_SETS:
         agents = dict(AGENT_SETS[spec])
-    elif "|" in spec:
+    elif isinstance(spec, str) and "|" in spec:
         agents = {f"agent{i}": s.strip() for i, s in enumerate(spec.split("|"))}
     else:
         raise ValueError(
             f"unknown agent set {spec!r}: give one of {', '.join(AGENT_SETS)}, a count such as 4, "
-            "or instructions separated by '|'"
+            "instructions separated by '|', a list of instructions or a {name: instruction} dict"
         )
     if not agents or not all(isinstance(v, str) and v.strip() for v in agents.values()):
         raise ValueError(f"every agent needs a non-empty instruction, got {agents}")
@@ -167,6 +170,8 @@ def aggregate_hidden_states(states, weights=None):
     ndim = states[0].dim()
     if ndim not in (2, 3) or any(s.dim() != ndim for s in states):
         raise ValueError(f"expected all [L, d] or all [B, L, d] tensors, got {[tuple(s.shape) for s in states]}")
+    if len({(s.shape[:-2], s.shape[-1]) for s in states}) > 1:
+        raise ValueError(f"the tensors differ in batch or hidden size: {[tuple(s.shape) for s in states]}")
     length = max(s.shape[-2] for s in states)
     padded = torch.stack(
         [torch.nn.functional.pad(s, (0, 0, 0, length - s.shape[-2])) for s in states]
@@ -174,6 +179,85 @@ def aggregate_hidden_states(states, weights=None):
     if weights is None:
         return padded.mean(dim=0)
     w = torch.as_tensor(weights, dtype=padded.dtype, device=padded.device)
-    if w.shape != (len(states),) or w.sum() <= 0:
+    if w.shape != (len(states),) or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"need {len(states)} non-negative weights with a positive sum, got {weights}")
     return torch.einsum("k,k...->...", w / w.sum(), padded)
+
+
+# ---------------------------------------------------------------------------- hidden-state ensemble
+
+def _eos_ids(model, tokenizer):
+    """Every token id that ends a completion: the tokenizer's eos and the generation config's."""
+    ids = {tokenizer.eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
+    return ids - {None}
+
+
+@torch.no_grad()
+def _ensemble_ids(model, tokenizer, prompts, max_new_tokens, weights=None, stop=(), temperature=0.0, seed=None):
+    """ensemble_generate's loop: (the consensus token ids, the completion text cut after a stop string)."""
+    if not prompts:
+        raise ValueError("ensemble_generate needs at least one prompt")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    device = next(model.parameters()).device
+    # The prompts are already rendered (chat template included), so no special tokens are added.
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    # Left padding: positions count real tokens only, as model.generate does; pads get position 0.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    head, eos = model.get_output_embeddings(), _eos_ids(model, tokenizer)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+    was_training = model.training
+    model.eval()
+    past, tokens, text = None, [], ""
+    try:
+        for _ in range(max_new_tokens):
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                        use_cache=True, output_hidden_states=True, logits_to_keep=1)
+            past = out.past_key_values
+            # hidden_states[-1] is the last layer after the final norm: the LM head's input.
+            last = out.hidden_states[-1][:, -1:, :]  # [K, 1, d], one row per agent
+            combined = aggregate_hidden_states(list(last), weights)  # [1, d]
+            logits = head(combined)[-1].float()
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generator))
+            else:
+                token = int(logits.argmax())
+            if token in eos:
+                break
+            tokens.append(token)
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            hits = [text.index(s) + len(s) for s in stop if s and s in text]
+            if hits:
+                return tokens, text[: min(hits)]
+            # Every agent continues with the consensus token.
+            ids = torch.full((len(prompts), 1), token, dtype=ids.dtype, device=device)
+            mask = torch.cat([mask, torch.ones_like(ids)], dim=-1)
+            positions = positions[:, -1:] + 1
+    finally:
+        model.train(was_training)
+    return tokens, text
+
+
+def ensemble_generate(model, tokenizer, prompts, max_new_tokens, weights=None, stop=(STOP_TAG,),
+                      temperature=0.0, seed=None):
+    """One consensus completion for K agent prompts of one question, decoded from their mean hidden state.
+
+    prompts are the K rendered prompt strings (chat template already applied). They run as one
+    left-padded batch with a KV cache. At each step every agent's last-layer hidden state at the
+    last position (after the final norm) is combined with aggregate_hidden_states (the mean, or
+    the weighted mean with ``weights``), the LM head turns it into logits, and the token is
+    picked greedily (temperature 0) or sampled (seeded with ``seed``). The token is appended to
+    all K sequences, so one token costs one batched forward of K rows. It stops at EOS or once
+    the text contains a string of ``stop``, and cuts the text just after it.
+
+    With one prompt this is greedy decoding (model.generate(do_sample=False)); with K copies of
+    one prompt it gives the same text. Works on PEFT-wrapped models.
+    """
+    return _ensemble_ids(model, tokenizer, prompts, max_new_tokens, weights, stop, temperature, seed)[1]

@@ -22,8 +22,8 @@ from collections import defaultdict
 import torch
 
 import models
-from agents import build_prompt, expand_agents, get_agents
-from rewards import GSM8K_REWARD_WEIGHTS, STOP_TAG, completion_text, extract_answer, get_reward_funcs, is_correct
+from agents import expand_agents, get_agents
+from rewards import GSM8K_REWARD_WEIGHTS, STOP_TAG, completion_text, get_reward_funcs
 
 STATS_FILE = "training_stats.json"
 CONFIG_FILE = "config.json"
@@ -297,7 +297,7 @@ def make_trainer_class():
 
 def make_progress(s, stats):
     """The progress bar with one fixed-format line per logging step, stats writing, final checkpoint."""
-    from transformers import ProgressCallback, TrainerCallback
+    from transformers import ProgressCallback
 
     stats_path = os.path.join(s["output_dir"], STATS_FILE)
     correct_key = next((f"rewards/{n}/mean" for n in s["reward_weights"] if "correct" in n), None)
@@ -431,38 +431,19 @@ def save_outputs(s, model, tokenizer, backend):
         print(f"GGUF ({s['save_gguf']}): {gguf_dir}")
 
 
-@torch.no_grad()
-def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens, batch_size=8):
-    """Greedy answers of the first agent on held-out rows: accuracy (rewards.is_correct) and format."""
-    from rewards import SOLUTION_START
+def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens):
+    """Greedy answers of the first agent on held-out rows, generated and graded as evaluate.py does
+    (rewards.extract_answer and is_correct): accuracy and format compliance."""
+    from evaluate import STOPS, generate_answers, grade, render
 
     instruction = next(iter(get_agents(agents).values()))
-    prompts = [build_prompt(instruction, r["question"], style) for r in rows]
-    if style == "chat":
-        prompts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    marker = SOLUTION_START if style == "chat" else STOP_TAG
-    was_training, side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    records = []
-    for i in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(model.device)
-        gen = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, tokenizer=tokenizer,
-            stop_strings=[STOP_TAG] if style == "xml" else None, pad_token_id=tokenizer.pad_token_id,
-        )
-        for row, ids in zip(rows[i : i + batch_size], gen[:, enc["input_ids"].shape[1] :]):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            pred = extract_answer(text)
-            records.append({"question": row["question"], "gold": row["answer"], "pred": pred,
-                            "correct": is_correct(pred, row["answer"]), "formatted": marker in text,
-                            "completion": text})
-    tokenizer.padding_side = side
-    model.train(was_training)
+    prompts = [render(tokenizer, instruction, r["question"], style) for r in rows]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=8, stop=STOPS[style])
+    records = [{"question": r["question"], "gold": r["answer"], **grade(text, r["answer"], style, tokens)}
+               for r, [(text, tokens)] in zip(rows, answers)]
     n = len(records)
-    return {"n": n, "accuracy": sum(r["correct"] for r in records) / n,
-            "format_compliance": sum(r["formatted"] for r in records) / n, "records": records}
+    return {"n": n, "agent": instruction, "accuracy": sum(r["correct"] for r in records) / n,
+            "format_compliance": sum(r["strict_answer"] is not None for r in records) / n, "records": records}
 
 
 # ---------------------------------------------------------------------------- main

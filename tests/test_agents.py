@@ -268,3 +268,25 @@ AGGREGATE_ERRORS = [
 def test_aggregate_errors(states, weights, message):
     with pytest.raises(ValueError, match=message):
         aggregate_hidden_states(states, weights)
+
+
+@pytest.mark.parametrize("spec", [
+    2.0,        # a float is no count: refused, not truncated
+    {1, 2},     # a set has no order, so no agent names
+    "\u00b2",   # "superscript two" passes str.isdigit() but is no count
+    True,       # a bool is an int to Python, not an agent count
+])
+def test_get_agents_refuses_odd_specs_clearly(spec):
+    with pytest.raises(ValueError, match="unknown agent set"):
+        get_agents(spec)
+
+
+def test_aggregate_refuses_negative_weights():
+    # [2, -1] sums to 1 > 0, but a negative weight would push the mean outside the inputs' range
+    with pytest.raises(ValueError, match="non-negative"):
+        aggregate_hidden_states([torch.ones(2, 3), torch.ones(2, 3)], weights=[2, -1])
+
+
+def test_aggregate_refuses_mismatched_hidden_sizes():
+    with pytest.raises(ValueError, match="differ in batch or hidden size"):
+        aggregate_hidden_states([torch.ones(2, 3), torch.ones(2, 4)])
