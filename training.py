@@ -520,5 +520,5 @@ def package_versions():
         try:
             out[name] = version(name)
         except PackageNotFoundError:
-            pass
+            out[name] = "not installed"
     return out

@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -15,3 +16,12 @@ def gsm8k_dir():
     if not os.path.exists(os.path.join(GSM8K_DIR, "test.jsonl")):
         pytest.skip(f"GSM8K files not found at {GSM8K_DIR} (a clone without ../shared/data)")
     return GSM8K_DIR
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; more threads only wait on each other on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

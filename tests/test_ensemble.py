@@ -13,15 +13,6 @@ QUESTION = "Maya picks 12 apples. Then she gets 5 more apples. How many apples d
 STEPS = 24
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; more threads only wait on each other on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     model, tokenizer = tiny_model_and_tokenizer()
