@@ -170,10 +170,9 @@ def test_default_model_without_cuda_stops_with_a_pointer(monkeypatch):
     assert "needs a CUDA GPU" in message and "--smoke" in message and "nothing was downloaded" in message
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the message on a machine without CUDA")
 def test_default_model_without_cuda_as_a_script():
     proc = run_script("train_gsm8k.py", check=False)  # no flags: the GPU recipe, on a CPU machine
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
     assert proc.returncode != 0 and "--smoke" in proc.stderr
 
 
