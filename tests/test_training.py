@@ -12,6 +12,8 @@ import models
 import train_gsm8k
 import train_synthetic
 import training
+from agents import expand_agents
+from rewards import STOP_TAG
 from conftest import GSM8K_DIR, ROOT
 
 
@@ -206,3 +208,42 @@ def test_stats_file_is_written_atomically(tmp_path):
     training.write_json_atomic(path, [{"step": 1}, {"step": 2}])
     assert json.load(open(path)) == [{"step": 1}, {"step": 2}]
     assert os.listdir(tmp_path) == ["stats.json"]  # no temporary file left behind
+
+
+def test_xml_generation_stops_at_the_stop_tag(tmp_path):
+    """A model scripted to write "7 </response> and then more" is cut at the tag during training,
+    and TRL masks the padding after it: the completions end with </response> and are shorter
+    than the token limit."""
+    from datasets import Dataset
+    from rewards import stop_tag_bonus
+
+    s = training.parse_settings("test", train_synthetic.DEFAULTS, ["--smoke", "--max-steps", "1",
+                                "--max-completion-length", "48", "--output-dir", str(tmp_path)], train_synthetic.add_args)
+    model, tokenizer = models.tiny_model_and_tokenizer()
+    script = tokenizer(" 7 </response> and more words")["input_ids"]
+    assert len(script) < s["max_completion_length"]  # without the stop, the tail would be generated too
+    state = {"step": 0}
+
+    def count(module, args):  # a prompt (several tokens) starts the script; each decode step advances it
+        state["step"] = 0 if args[0].shape[1] > 1 else state["step"] + 1
+
+    def force(module, args, logits):  # the scripted token wins by a margin that no sampling undoes
+        logits[:, -1, script[min(state["step"], len(script) - 1)]] += 1e4
+        return logits
+
+    model.model.embed_tokens.register_forward_pre_hook(count)
+    model.lm_head.register_forward_hook(force)
+    model = models.add_lora(model, s["lora_rank"])
+    rows = [{"question": "How many?", "answer": "7"}] * 4
+    dataset = Dataset.from_list(expand_agents(rows, "core", "all", style="xml"))
+    trainer = training.make_trainer_class()(
+        model=model, reward_funcs=[stop_tag_bonus], args=training.grpo_config(s, "trl", tokenizer),
+        train_dataset=dataset, processing_class=tokenizer,
+        reward_weights={"stop_tag_bonus": 1.0}, stop_strings=[STOP_TAG],
+    )
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    completions = list(trainer._logs["completion"])
+    assert completions and all(c.rstrip().endswith(STOP_TAG) for c in completions), completions
+    assert logs["rewards/stop_tag_bonus/mean"] == 0.5
+    assert logs["completions/mean_length"] < s["max_completion_length"]  # stopped, padding masked
