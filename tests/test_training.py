@@ -14,7 +14,7 @@ import train_synthetic
 import training
 from agents import expand_agents
 from rewards import STOP_TAG
-from conftest import GSM8K_DIR, ROOT
+from conftest import ROOT
 
 
 def run_script(script, *flags, check=True):
@@ -71,10 +71,8 @@ def test_synthetic_smoke_end_to_end(tmp_path):
     assert evaluation["n"] == 2 and 0 <= evaluation["accuracy"] <= 1
 
 
-def test_gsm8k_smoke_end_to_end(tmp_path):
-    train_file = os.path.join(GSM8K_DIR, "train.jsonl")
-    if not os.path.exists(train_file):
-        pytest.skip(f"GSM8K files not found at {GSM8K_DIR} (a clone without ../shared/data)")
+def test_gsm8k_smoke_end_to_end(tmp_path, gsm8k_dir):
+    train_file = os.path.join(gsm8k_dir, "train.jsonl")
     out = str(tmp_path / "run")
     proc = run_script("train_gsm8k.py", "--smoke", "--dataset", train_file, "--output-dir", out)
     assert "quick evaluation on 2 held-out questions" in proc.stdout
