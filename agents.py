@@ -207,7 +207,8 @@ def _ensemble_ids(model, tokenizer, prompts, max_new_tokens, weights=None, stop=
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     # Left padding: positions count real tokens only, as model.generate does; pads get position 0.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    head, eos = model.get_output_embeddings(), _eos_ids(model, tokenizer)
+    eos = _eos_ids(model, tokenizer)
+    _check_linear_head(model)
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=device)
@@ -217,13 +218,15 @@ def _ensemble_ids(model, tokenizer, prompts, max_new_tokens, weights=None, stop=
     past, tokens, text = None, [], ""
     try:
         for _ in range(max_new_tokens):
+            # return_dict: Unsloth's patched forward returns a tuple on its one-token decode path otherwise.
             out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-                        use_cache=True, output_hidden_states=True, logits_to_keep=1)
+                        use_cache=True, return_dict=True, logits_to_keep=1)
             past = out.past_key_values
-            # hidden_states[-1] is the last layer after the final norm: the LM head's input.
-            last = out.hidden_states[-1][:, -1:, :]  # [K, 1, d], one row per agent
-            combined = aggregate_hidden_states(list(last), weights)  # [1, d]
-            logits = head(combined)[-1].float()
+            # The LM head is linear and the weights sum to 1, so the weighted mean of the agents' logits
+            # is the head applied to the weighted mean of their last hidden states (after the final
+            # norm). Taking the logits needs no hidden states, which Unsloth's decode path leaves empty.
+            last = out.logits[:, -1:, :].float()  # [K, 1, vocab], one row per agent
+            logits = aggregate_hidden_states(list(last), weights)[-1]
             if temperature > 0:
                 probs = torch.softmax(logits / temperature, dim=-1)
                 token = int(torch.multinomial(probs, 1, generator=generator))
@@ -245,19 +248,31 @@ def _ensemble_ids(model, tokenizer, prompts, max_new_tokens, weights=None, stop=
     return tokens, text
 
 
+def _check_linear_head(model):
+    """The ensemble combines logits in place of last hidden states, which is exact only for a linear head."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__} soft-caps its logits, so the mean of its agents' logits is not the "
+                         "head of their mean hidden state; ensemble_generate supports models with a linear LM head")
+
+
 def ensemble_generate(model, tokenizer, prompts, max_new_tokens, weights=None, stop=(STOP_TAG,),
                       temperature=0.0, seed=None):
     """One consensus completion for K agent prompts of one question, decoded from their mean hidden state.
 
     prompts are the K rendered prompt strings (chat template already applied). They run as one
-    left-padded batch with a KV cache. At each step every agent's last-layer hidden state at the
-    last position (after the final norm) is combined with aggregate_hidden_states (the mean, or
-    the weighted mean with ``weights``), the LM head turns it into logits, and the token is
-    picked greedily (temperature 0) or sampled (seeded with ``seed``). The token is appended to
-    all K sequences, so one token costs one batched forward of K rows. It stops at EOS or once
-    the text contains a string of ``stop``, and cuts the text just after it.
+    left-padded batch with a KV cache. At each step the agents' last-layer hidden states at the
+    last position (after the final norm) are averaged (or weighted by ``weights``) and the LM head
+    turns the mean into logits; the token is picked greedily (temperature 0) or sampled (seeded
+    with ``seed``). Since the head is linear, this is computed as the same weighted mean of the
+    agents' logits (aggregate_hidden_states over them), which every forward returns, Unsloth's
+    patched one included. The token is appended to all K sequences, so one token costs one
+    batched forward of K rows. It stops at EOS or once the text contains a string of ``stop``,
+    and cuts the text just after it.
 
     With one prompt this is greedy decoding (model.generate(do_sample=False)); with K copies of
-    one prompt it gives the same text. Works on PEFT-wrapped models.
+    one prompt it gives the same text. Works on PEFT-wrapped models and on models whose class
+    Unsloth has patched; refuses models with soft-capped logits (Gemma 2), where the two differ.
     """
     return _ensemble_ids(model, tokenizer, prompts, max_new_tokens, weights, stop, temperature, seed)[1]

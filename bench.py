@@ -231,7 +231,8 @@ def run_worker(backend, folder, result_path, bandwidth):
         "max_prompt_length": max(256, a["prompt_length"] + 32),  # sizes Unsloth's (and vLLM's) max_seq_length
     })
     s["max_seq_length"] = s["max_prompt_length"] + s["max_completion_length"]
-    model, tokenizer, backend, reason = training.load_model(s)  # imports unsloth, when used, before trl
+    backend, reason = training.pick_backend(s)  # imports unsloth, when used, before trl
+    model, tokenizer, vllm = training.load_model(s, backend)
     from datasets import Dataset
     from transformers import ProgressCallback
 
@@ -239,7 +240,7 @@ def run_worker(backend, folder, result_path, bandwidth):
         dataset = Dataset.from_list(json.load(f))
     trainer = training.make_trainer_class()(
         model=model, reward_funcs=get_reward_funcs(list(s["reward_weights"])), train_dataset=dataset,
-        args=training.grpo_config(s, backend, tokenizer), processing_class=tokenizer, reward_weights=s["reward_weights"],
+        args=training.grpo_config(s, backend, tokenizer, vllm), processing_class=tokenizer, reward_weights=s["reward_weights"],
     )
     timer = step_timer(profile_step=max_steps if a["profile"] else None)
     trainer.remove_callback(ProgressCallback)

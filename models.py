@@ -14,6 +14,8 @@ Offline models (nothing is downloaded):
 
 import importlib.util
 import os
+import shutil
+import subprocess
 
 import torch
 
@@ -30,16 +32,62 @@ def vllm_available():
     return importlib.util.find_spec("vllm") is not None
 
 
+def gpu_capability():
+    """(major, minor) compute capability of the CUDA device, or None without one. Every choice the
+    kit makes from the hardware (backend, precision, optimizer) asks this one function."""
+    if not torch.cuda.is_available():
+        return None
+    return tuple(torch.cuda.get_device_capability(0))
+
+
+def bf16_supported():
+    """bf16 from compute capability 8.0 (Ampere) on. torch.cuda.is_bf16_supported() also says True on
+    a T4 or V100, where bf16 is only emulated; Unsloth loads those cards in fp16, and so does the kit."""
+    capability = gpu_capability()
+    return capability is not None and capability >= (8, 0)
+
+
+def compute_dtype():
+    """bf16 from Ampere on, fp16 on older GPUs (T4, V100), fp32 on CPU."""
+    if gpu_capability() is None:
+        return torch.float32
+    return torch.bfloat16 if bf16_supported() else torch.float16
+
+
+def no_gpu_reason():
+    """Why there is no usable CUDA device. When nvidia-smi sees a GPU that torch cannot use, the
+    installed torch build does not fit the machine (its CUDA is newer than the driver's), and the
+    answer says so instead of "no CUDA device"."""
+    if not shutil.which("nvidia-smi"):
+        return "no CUDA device"
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "no CUDA device"
+    gpu = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+    if gpu is None:
+        return "no CUDA device"
+    name, _, driver = (part.strip() for part in gpu.partition(","))
+    if torch.version.cuda is None:
+        return (f"nvidia-smi sees a {name}, but torch {torch.__version__} is a CPU-only build; install a CUDA "
+                "build of torch (README, 'Set up')")
+    return (f"nvidia-smi sees a {name} with driver {driver}, but torch {torch.__version__} cannot use it: "
+            f"that driver is too old for the CUDA {torch.version.cuda} this torch was built for. Keep the "
+            "platform's own torch (README, 'Colab, Kaggle and older drivers') or update the NVIDIA driver")
+
+
 def choose_backend(requested="auto"):
     """(backend, reason): 'unsloth' when CUDA is present and unsloth imports, else 'trl'."""
     if requested not in ("auto", "unsloth", "trl"):
         raise ValueError(f"--backend must be auto, unsloth or trl, got {requested!r}")
     if requested == "trl":
         return "trl", "requested with --backend trl"
-    if not torch.cuda.is_available():
+    if gpu_capability() is None:
+        reason = no_gpu_reason()
         if requested == "unsloth":
-            raise SystemExit("--backend unsloth needs a CUDA GPU, and none is visible; use --backend trl")
-        return "trl", "no CUDA device"
+            raise SystemExit(f"--backend unsloth needs a CUDA GPU: {reason}. Or use --backend trl")
+        return "trl", reason
     try:
         import unsloth  # noqa: F401  (must come before trl, which it patches)
     except ImportError:
@@ -50,14 +98,16 @@ def choose_backend(requested="auto"):
         if requested == "unsloth":
             raise SystemExit(f"--backend unsloth: unsloth failed to import: {e}")
         return "trl", f"unsloth failed to import ({type(e).__name__}: {e})"
-    return "unsloth", "CUDA device and unsloth available" + (" with vLLM" if vllm_available() else ", no vLLM")
+    return "unsloth", "CUDA device and unsloth available" + (", vLLM installed" if vllm_available() else ", no vLLM")
 
 
-def compute_dtype():
-    """bf16 where the GPU supports it, else fp16 on CUDA; fp32 on CPU."""
-    if not torch.cuda.is_available():
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+def unsloth_patched_trl():
+    """True once Unsloth has rewritten trl's GRPO classes. If its patch fails, Unsloth only warns, and
+    trl's own GRPOTrainer would then train without Unsloth's GRPO code and refuse vLLM settings."""
+    import trl
+
+    return trl.GRPOTrainer.__name__ == "UnslothGRPOTrainer" and "vllm_sampling_params" in getattr(
+        trl.GRPOConfig, "__dataclass_fields__", {})
 
 
 # ---------------------------------------------------------------------------- offline models
@@ -137,10 +187,8 @@ def fix_special_tokens(model, tokenizer):
     return model, tokenizer
 
 
-def load_pretrained(name_or_path, dtype=None, quantize=False):
-    """A causal LM and tokenizer with transformers: a hub id, a local folder or SMOLLM2."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def load_kwargs(dtype=None, quantize=False):
+    """from_pretrained's dtype, 4-bit and device arguments for this machine."""
     kwargs = {"dtype": dtype or compute_dtype()}
     if quantize:
         from transformers import BitsAndBytesConfig
@@ -149,8 +197,16 @@ def load_pretrained(name_or_path, dtype=None, quantize=False):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype(),
         )
-    if torch.cuda.is_available():
+    if gpu_capability() is not None:
         kwargs["device_map"] = {"": 0}
+    return kwargs
+
+
+def load_pretrained(name_or_path, dtype=None, quantize=False):
+    """A causal LM and tokenizer with transformers: a hub id, a local folder or SMOLLM2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = load_kwargs(dtype, quantize)
     if name_or_path == SMOLLM2:
         folder, gguf = smollm2_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
@@ -177,24 +233,33 @@ def add_lora(model, rank, seed=0, gradient_checkpointing=False):
     return get_peft_model(model, config)
 
 
-def load_unsloth(name, max_seq_length, lora_rank, seed=0, gpu_memory_utilization=0.6):
-    """Unsloth: 4-bit base, LoRA with Unsloth's gradient checkpointing, vLLM when installed."""
+def load_unsloth(name, max_seq_length, lora_rank, seed=0, gpu_memory_utilization=0.6, fast_inference=None):
+    """(model, tokenizer, vllm): Unsloth's 4-bit base and LoRA with its gradient checkpointing, and
+    vLLM generation when vLLM is installed and starts; otherwise Unsloth's own generate, saying why.
+    fast_inference=None means: vLLM when it is installed."""
     from unsloth import FastLanguageModel
 
-    fast_inference = vllm_available()
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=name,
-        max_seq_length=max_seq_length,
-        load_in_4bit=True,
-        fast_inference=fast_inference,
-        max_lora_rank=lora_rank,
-        gpu_memory_utilization=gpu_memory_utilization,  # lower this if vLLM runs out of memory
-    )
+    load = dict(model_name=name, max_seq_length=max_seq_length, load_in_4bit=True, dtype=compute_dtype(),
+                max_lora_rank=lora_rank, gpu_memory_utilization=gpu_memory_utilization)  # lower it if vLLM runs out of memory
+    vllm = vllm_available() if fast_inference is None else fast_inference
+    try:
+        model, tokenizer = FastLanguageModel.from_pretrained(**load, fast_inference=vllm)
+    except Exception as e:
+        if not vllm or isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        print(f"vLLM is installed but did not start ({type(e).__name__}: {str(e).strip()[:300]}); generating with "
+              "Unsloth's own generate instead, which is slower. Repair vLLM (pip install -r requirements.txt) "
+              "or uninstall it to silence this.")
+        vllm = False
+        torch.cuda.empty_cache()
+        model, tokenizer = FastLanguageModel.from_pretrained(**load, fast_inference=False)
+    vllm = vllm and getattr(model, "vllm_engine", None) is not None  # Unsloth turns it off on some GPUs
     model = FastLanguageModel.get_peft_model(
         model, r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS,
         use_gradient_checkpointing="unsloth", random_state=seed,
     )
-    return fix_special_tokens(model, tokenizer)
+    model, tokenizer = fix_special_tokens(model, tokenizer)
+    return model, tokenizer, vllm
 
 
 def load_adapter(model, adapter_dir):

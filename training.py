@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import torch
 
+import export
 import models
 from agents import expand_agents, get_agents
 from rewards import GSM8K_REWARD_WEIGHTS, STOP_TAG, completion_text, get_reward_funcs
@@ -176,11 +177,9 @@ def validate(s):
         raise ValueError(f"--report-to must be one of {REPORT_TO}")
     if s["resume"] and s["overwrite"]:
         raise ValueError("--resume and --overwrite contradict each other; give one")
-    if s["save_gguf"] and s["backend"] == "trl":
-        raise ValueError("--save-gguf needs the unsloth backend (it converts with llama.cpp); use --save-merged")
-    if s["model_name"] == models.DEFAULT_MODEL and not s["smoke"] and not torch.cuda.is_available():
+    if s["model_name"] == models.DEFAULT_MODEL and not s["smoke"] and models.gpu_capability() is None:
         raise SystemExit(
-            f"{models.DEFAULT_MODEL} needs a CUDA GPU and none is visible, so nothing was downloaded.\n"
+            f"{models.DEFAULT_MODEL} needs a CUDA GPU, and {models.no_gpu_reason()}; nothing was downloaded.\n"
             "  Check the pipeline on this machine:  python " + os.path.basename(sys.argv[0]) + " --smoke\n"
             "  Train for real on a GPU (Colab, Kaggle or a 12-24 GB card), or pick a small --model-name."
         )
@@ -223,8 +222,19 @@ def write_json_atomic(path, obj):
 
 # ---------------------------------------------------------------------------- model
 
-def load_model(s):
-    """(model with LoRA, tokenizer, backend, reason)."""
+def pick_backend(s):
+    """(backend, reason). Imports unsloth when it is used, before anything imports trl."""
+    if s["model_name"] == "tiny":
+        return "trl", "--smoke: tiny offline model on CPU"
+    backend, reason = models.choose_backend(s["backend"])
+    if backend == "unsloth" and not models.unsloth_patched_trl():
+        print("Unsloth did not patch trl's GRPOTrainer (its warning above says why): this run trains with "
+              "trl's own GRPOTrainer on the Unsloth model, without Unsloth's GRPO code and without vLLM.")
+    return backend, reason
+
+
+def load_model(s, backend):
+    """(model with LoRA, tokenizer, vllm): vllm is True when the rollouts are generated with vLLM."""
     if s["model_name"] == "tiny":
         model, tokenizer = models.tiny_model_and_tokenizer(seed=s["seed"])
         # The random base lives only in this process: save it, so that the adapter can be reloaded.
@@ -233,18 +243,16 @@ def load_model(s):
             model.save_pretrained(base_dir)
             tokenizer.save_pretrained(base_dir)
         model.config._name_or_path = base_dir
-        backend, reason = "trl", "--smoke: tiny offline model on CPU"
-        return models.add_lora(model, s["lora_rank"], s["seed"]), tokenizer, backend, reason
-    backend, reason = models.choose_backend(s["backend"])
+        return models.add_lora(model, s["lora_rank"], s["seed"]), tokenizer, False
     if backend == "unsloth":
-        model, tokenizer = models.load_unsloth(
-            s["model_name"], max_seq_length=s["max_seq_length"], lora_rank=s["lora_rank"], seed=s["seed"]
+        return models.load_unsloth(
+            s["model_name"], max_seq_length=s["max_seq_length"], lora_rank=s["lora_rank"], seed=s["seed"],
+            fast_inference=models.vllm_available() and models.unsloth_patched_trl(),
         )
-        return model, tokenizer, backend, reason
-    cuda = torch.cuda.is_available()
-    model, tokenizer = models.load_pretrained(s["model_name"], quantize=cuda)
-    model = models.add_lora(model, s["lora_rank"], s["seed"], gradient_checkpointing=cuda)
-    return model, tokenizer, backend, reason
+    gpu = models.gpu_capability() is not None
+    model, tokenizer = models.load_pretrained(s["model_name"], quantize=gpu)
+    model = models.add_lora(model, s["lora_rank"], s["seed"], gradient_checkpointing=gpu)
+    return model, tokenizer, False
 
 
 # ---------------------------------------------------------------------------- trainer
@@ -341,15 +349,17 @@ def make_progress(s, stats):
     return KitProgress()
 
 
-def grpo_config(s, backend, tokenizer):
-    from trl import GRPOConfig
-
-    cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
+def grpo_config_kwargs(s, backend, tokenizer, vllm=False):
+    """GRPOConfig's arguments. Precision and optimizer follow the GPU (models.gpu_capability()); the
+    recipe is written out in full, so that Unsloth's config, which has other defaults, trains the same."""
+    gpu = models.gpu_capability() is not None
+    bf16 = models.bf16_supported()  # fp16 below Ampere, as Unsloth loads those cards
     kwargs = dict(
         output_dir=s["output_dir"],
         max_steps=s["max_steps"],
         learning_rate=s["learning_rate"],
+        weight_decay=0.0,             # trl's default; Unsloth's config would make it 0.001
+        torch_empty_cache_steps=None,  # trl's default; Unsloth's config would empty the CUDA cache every 250 steps
         per_device_train_batch_size=s["batch_size"],
         gradient_accumulation_steps=s["gradient_accumulation_steps"],
         num_generations=s["num_generations"],
@@ -363,26 +373,32 @@ def grpo_config(s, backend, tokenizer):
         report_to=[] if s["report_to"] == "none" else [s["report_to"]],
         project=s["project_name"],
         seed=s["seed"],
-        use_cpu=not cuda,
-        bf16=bf16,
-        fp16=cuda and not bf16,
+        use_cpu=not gpu,
+        bf16=gpu and bf16,
+        fp16=gpu and not bf16,
         # unsloth checkpoints its own way (use_gradient_checkpointing="unsloth"); the tiny CPU model needs none
-        gradient_checkpointing=cuda and backend == "trl",
+        gradient_checkpointing=gpu and backend == "trl",
         lr_scheduler_type="cosine",
         warmup_steps=max(1, s["max_steps"] // 10),
-        optim="adamw_8bit" if cuda else "adamw_torch",  # 8-bit Adam states save memory on a GPU
+        optim="adamw_8bit" if gpu else "adamw_torch",  # 8-bit Adam states save memory on a GPU
         disable_tqdm=False,
         shuffle_dataset=not s.get("curriculum", False),  # a curriculum keeps its easy-to-hard order
     )
     if s["prompt_style"] == "xml":
-        if backend == "unsloth" and models.vllm_available():
+        if vllm:
             from vllm import SamplingParams
 
             kwargs["vllm_sampling_params"] = SamplingParams(stop=[STOP_TAG], include_stop_str_in_output=True)
         else:
             # After a stop string, transformers pads the row; padding with eos lets TRL mask it out.
             kwargs["generation_kwargs"] = {"stop_strings": [STOP_TAG], "pad_token_id": tokenizer.eos_token_id}
-    return GRPOConfig(**kwargs)
+    return kwargs
+
+
+def grpo_config(s, backend, tokenizer, vllm=False):
+    from trl import GRPOConfig
+
+    return GRPOConfig(**grpo_config_kwargs(s, backend, tokenizer, vllm))
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -409,28 +425,6 @@ def plot_rewards(stats, path):
     os.replace(tmp, path)
 
 
-def save_outputs(s, model, tokenizer, backend):
-    out = s["output_dir"]
-    model.save_pretrained(out)  # the LoRA adapter: adapter_config.json + adapter_model.safetensors
-    tokenizer.save_pretrained(out)
-    if s["save_merged"]:
-        merged = os.path.join(out, "merged")
-        if backend == "unsloth":
-            model.save_pretrained_merged(merged, tokenizer, save_method="merged_16bit")
-        else:
-            base = model
-            if getattr(model, "is_loaded_in_4bit", False) or getattr(model.base_model, "is_loaded_in_4bit", False):
-                base, _ = models.load_pretrained(s["model_name"], quantize=False)
-                base = models.load_adapter(base, out)
-            base.merge_and_unload().save_pretrained(merged)
-            tokenizer.save_pretrained(merged)
-        print(f"merged 16-bit model: {merged}")
-    if s["save_gguf"]:
-        gguf_dir = os.path.join(out, "gguf")
-        model.save_pretrained_gguf(gguf_dir, tokenizer, quantization_method=s["save_gguf"])
-        print(f"GGUF ({s['save_gguf']}): {gguf_dir}")
-
-
 def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens):
     """Greedy answers of the first agent on held-out rows, generated and graded as evaluate.py does
     (rewards.extract_answer and is_correct): accuracy and format compliance."""
@@ -449,22 +443,27 @@ def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens):
 # ---------------------------------------------------------------------------- main
 
 def main(description, defaults, load_data, argv=None, extra_args=None):
-    """Parse settings, load data and model, train with GRPO, save, evaluate."""
+    """Parse settings, load data and model, train with GRPO, save, evaluate, export."""
     from datasets import Dataset
 
     s = parse_settings(description, defaults, argv, extra_args)
     s["max_seq_length"] = s["max_prompt_length"] + s["max_completion_length"]
+    backend, reason = pick_backend(s)  # imports unsloth, when used, before trl
+    print(f"backend: {backend} ({reason})")
+    export.check_exports(s["model_name"], s["save_merged"], s["save_gguf"], backend, reason)
     prepare_output_dir(s)
     t0 = time.time()
     train_rows, eval_rows = load_data(s)
     dataset = Dataset.from_list(
         expand_agents(list(train_rows), s["agents"], s["agent_sampling"], s["seed"], style=s["prompt_style"])
     )
-    model, tokenizer, backend, reason = load_model(s)  # imports unsloth, when used, before trl
-    print(f"backend: {backend} ({reason})")
+    model, tokenizer, vllm = load_model(s, backend)
+    if backend == "unsloth":
+        print("generation: " + ("vLLM" if vllm else "Unsloth's own generate (no vLLM)"))
     settings = {k: v for k, v in s.items() if k not in ("reward_weights", "max_seq_length")}
     write_json_atomic(os.path.join(s["output_dir"], CONFIG_FILE), {
-        "settings": settings, "backend": backend, "backend_reason": reason,
+        "settings": settings, "backend": backend, "backend_reason": reason, "vllm": vllm,
+        "precision": str(models.compute_dtype()).removeprefix("torch."),
         "reward_weights": s["reward_weights"], "agents": get_agents(s["agents"]),
         "train_prompts": len(dataset), "versions": package_versions(),
     })
@@ -475,7 +474,7 @@ def main(description, defaults, load_data, argv=None, extra_args=None):
     trainer = make_trainer_class()(
         model=model,
         reward_funcs=get_reward_funcs(list(s["reward_weights"])),
-        args=grpo_config(s, backend, tokenizer),
+        args=grpo_config(s, backend, tokenizer, vllm),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=None,
@@ -496,7 +495,8 @@ def main(description, defaults, load_data, argv=None, extra_args=None):
             "--batch-size (raise --gradient-accumulation-steps to compensate), --lora-rank."
         ) from None
 
-    save_outputs(s, model, tokenizer, backend)
+    model.save_pretrained(s["output_dir"])  # the LoRA adapter: adapter_config.json + adapter_model.safetensors
+    tokenizer.save_pretrained(s["output_dir"])
     if stats:
         plot_rewards(stats, os.path.join(s["output_dir"], "rewards.png"))
     if not s["skip_evaluation"] and eval_rows:
@@ -508,7 +508,12 @@ def main(description, defaults, load_data, argv=None, extra_args=None):
         write_json_atomic(os.path.join(s["output_dir"], "eval.json"), result)
         print(f"quick evaluation on {result['n']} held-out questions: accuracy {result['accuracy']:.3f}, "
               f"format compliance {result['format_compliance']:.3f}")
+    # Exports come last: each can fail (hub, disk, llama.cpp) without costing what is saved above.
+    failed = export.export_run(model, tokenizer, s["output_dir"], backend, s["model_name"],
+                               merged=s["save_merged"], gguf=s["save_gguf"])
     print(f"done in {time.time() - t0:.1f} s; run folder: {s['output_dir']}")
+    if failed:
+        raise SystemExit(f"training and evaluation are saved, but {' and '.join(failed)} failed (see above)")
     return s
 
 

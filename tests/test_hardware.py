@@ -1,0 +1,148 @@
+"""What the kit decides from the GPU: precision, the backend and its reason, and vLLM's fallback."""
+
+import os
+import stat
+import sys
+import types
+
+import pytest
+import torch
+
+import evaluate
+import models
+import train_gsm8k
+import training
+
+
+def fake_cuda(monkeypatch, capability):
+    """A CUDA device of this compute capability, as the kit's checks see it. torch.cuda.is_bf16_supported
+    answers True on every such card, as it does on a real T4 (emulated bf16)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+@pytest.mark.parametrize("capability, dtype", [
+    ((7, 0), torch.float16),   # V100
+    ((7, 5), torch.float16),   # T4: Colab and Kaggle's free GPU
+    ((8, 0), torch.bfloat16),  # A100
+    ((8, 9), torch.bfloat16),  # L4, RTX 40xx
+    ((9, 0), torch.bfloat16),  # H100
+])
+def test_precision_follows_compute_capability(monkeypatch, capability, dtype):
+    """Every place that picks a dtype agrees with Unsloth's loader, which uses fp16 below capability 8."""
+    fake_cuda(monkeypatch, capability)
+    assert models.compute_dtype() == dtype
+    kwargs = models.load_kwargs(quantize=True)  # the trl backend's 4-bit load, and evaluate.py's
+    assert kwargs["dtype"] == dtype and kwargs["quantization_config"].bnb_4bit_compute_dtype == dtype
+    s = training.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--backend", "unsloth"], train_gsm8k.add_args)
+    config = training.grpo_config_kwargs(s, "unsloth", models.tiny_model_and_tokenizer()[1])
+    assert (config["bf16"], config["fp16"]) == (dtype == torch.bfloat16, dtype == torch.float16)
+    assert config["optim"] == "adamw_8bit" and config["use_cpu"] is False
+
+
+def test_evaluation_loads_in_fp16_on_a_t4(monkeypatch, gsm8k_dir, tmp_path):
+    """evaluate.py's model load asks for fp16 on a T4, not the bf16 that torch says it supports."""
+    fake_cuda(monkeypatch, (7, 5))
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(name, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(Loaded):
+        evaluate.main(["--model-name", "some/model", "--dataset", gsm8k_dir, "--n", "2", "--calibration-n", "0",
+                       "--out", str(tmp_path / "eval")])
+    assert seen["dtype"] == torch.float16
+
+
+def fake_nvidia_smi(tmp_path, monkeypatch, line="Tesla T4, 535.104.05"):
+    """An nvidia-smi on PATH that sees a GPU, as on a machine whose driver torch cannot use."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text(f"#!/bin/sh\necho '{line}'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{smi.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_driver_too_old_for_torch_is_named(tmp_path, monkeypatch):
+    # torch 2.11 from PyPI is built for CUDA 13.0; a 535 driver only runs CUDA 12.2
+    fake_nvidia_smi(tmp_path, monkeypatch)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    backend, reason = models.choose_backend("auto")
+    assert backend == "trl"
+    assert "Tesla T4 with driver 535.104.05" in reason and "too old for the CUDA 13.0" in reason
+    with pytest.raises(SystemExit, match="too old for the CUDA 13.0"):
+        models.choose_backend("unsloth")
+
+
+def test_cpu_only_torch_beside_a_gpu_is_named(tmp_path, monkeypatch):
+    fake_nvidia_smi(tmp_path, monkeypatch)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert "CPU-only build" in models.choose_backend("auto")[1]
+
+
+def test_no_gpu_at_all(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi
+    assert models.choose_backend("auto") == ("trl", "no CUDA device")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this checks the message on a machine without CUDA")
+def test_default_recipe_names_the_driver_problem(tmp_path):
+    """The GPU recipe on a machine where nvidia-smi sees a GPU and torch does not: the message says
+    why, not just "no GPU", before anything is downloaded."""
+    from test_training import run_script
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'Tesla T4, 535.104.05'\n")
+    smi.chmod(0o755)
+    proc = run_script("train_gsm8k.py", check=False, env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    # this machine's torch is the CPU build, so that is what the message names
+    assert "nvidia-smi sees a Tesla T4" in proc.stderr and "CPU-only build" in proc.stderr
+
+
+class FakeFastLanguageModel:
+    """Stands in for unsloth.FastLanguageModel: from_pretrained fails with vLLM as a broken vLLM does."""
+    calls = []
+
+    @classmethod
+    def from_pretrained(cls, fast_inference=False, **kwargs):
+        cls.calls.append(fast_inference)
+        if fast_inference:
+            raise ImportError("Unsloth: vLLM was disabled at import: undefined symbol _ZN3c104cuda9SetDevice")
+        return models.tiny_model_and_tokenizer()
+
+    @staticmethod
+    def get_peft_model(model, **kwargs):
+        return model
+
+
+def test_broken_vllm_falls_back_to_unsloths_generation(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FakeFastLanguageModel))
+    monkeypatch.setattr(models, "vllm_available", lambda: True)
+    FakeFastLanguageModel.calls.clear()
+    model, tokenizer, vllm = models.load_unsloth("some/model", max_seq_length=64, lora_rank=4)
+    assert vllm is False and FakeFastLanguageModel.calls == [True, False]  # tried vLLM, then went without
+    out = capsys.readouterr().out
+    assert "vLLM is installed but did not start (ImportError: Unsloth: vLLM was disabled" in out
+    assert "Unsloth's own generate" in out
+
+
+def test_a_model_error_is_not_blamed_on_vllm(monkeypatch):
+    """Without vLLM there is nothing to fall back from: the loader's own error comes through."""
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FakeFastLanguageModel))
+    monkeypatch.setattr(models, "vllm_available", lambda: False)
+    monkeypatch.setattr(FakeFastLanguageModel, "from_pretrained", classmethod(
+        lambda cls, **kw: (_ for _ in ()).throw(OSError("some/model is not a local folder or a hub repo"))))
+    with pytest.raises(OSError, match="not a local folder"):
+        models.load_unsloth("some/model", max_seq_length=64, lora_rank=4)

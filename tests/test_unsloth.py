@@ -1,0 +1,172 @@
+"""The unsloth backend through Unsloth's real patched trl, on a CPU.
+
+Each test runs tests/unsloth_cpu.py in a process of its own, because Unsloth patches trl and
+transformers for the whole process. That script's docstring says what is real and what is stood
+in: the GPU's capability query, the 4-bit load (FastLanguageModel.from_pretrained) and the LoRA
+patching that only takes its model (get_peft_model), and in single tests llama.cpp's converter,
+Unsloth's CUDA decode kernel and vllm.SamplingParams.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import models
+import train_gsm8k
+import training
+from conftest import ROOT
+from rewards import STOP_TAG
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None,
+                                reason="unsloth is not installed (.ci/run installs it for the CPU tests)")
+HARNESS = os.path.join(ROOT, "tests", "unsloth_cpu.py")
+TRAIN = ["--smoke", "--backend", "unsloth", "--model-name", "stand-in/tiny-qwen2", "--max-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory):
+    """The harness's config, vllm, exports, gguf and ensemble checks, run once in one process."""
+    return harness(tmp_path_factory.mktemp("checks"), "checks")
+
+
+def harness(tmp_path, mode, *args, rest=()):
+    """Run one mode of the harness; (its RESULT dict, its stdout)."""
+    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth_compiled_cache"),
+           "UNSLOTH_LLAMA_CPP_PATH": str(tmp_path / "no-llama.cpp")}
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(exist_ok=True)
+    proc = subprocess.run([sys.executable, HARNESS, mode, "--out", str(scratch), *args, "--", *rest],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(f"{mode} {args} {rest} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert results, proc.stdout[-3000:]
+    return json.loads(results[-1][len("RESULT "):]), proc.stdout
+
+
+# The chat prompt's structured answer, closed by the model's eos; the xml prompt's answer, closed
+# by the stop tag and followed by words that generation must never reach.
+SCRIPTS = {"chat": "<start_working_out>3 + 4 = 7<end_working_out><SOLUTION>7</SOLUTION><|im_end|>",
+           "xml": f" 7 {STOP_TAG} and more words"}
+REWARDS = {"chat": "format_exact_reward,format_approx_reward", "xml": "correctness_reward,stop_tag_bonus"}
+
+
+@pytest.mark.parametrize("gpu, style", [("t4", "xml"), ("t4", "chat"), ("ampere", "chat"), ("ampere", "xml")])
+def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style):
+    """train_synthetic.py's main on the unsloth backend: the kit's trainer subclasses the generated
+    UnslothGRPOTrainer, Unsloth accepts the kit's precision for the card (on a T4 an fp16 model and
+    fp16 mixed precision; bf16 there makes Unsloth refuse), and the per-agent rewards, the progress
+    and sample lines and the run folder come out as on the trl backend."""
+    run = tmp_path / "run"
+    result, stdout = harness(tmp_path, "train", "--gpu", gpu, "--script", SCRIPTS[style], rest=[
+        *TRAIN, "--prompt-style", style, "--rewards", REWARDS[style], "--max-completion-length", "48",
+        "--output-dir", str(run)])
+    assert "trl.GRPOTrainer is UnslothGRPOTrainer" in stdout
+    assert "backend: unsloth (CUDA device and unsloth available, no vLLM)" in stdout
+    assert result["trainer_bases"] == ["KitGRPOTrainer", "UnslothGRPOTrainer"]
+
+    half = "bfloat16" if gpu == "ampere" else "float16"
+    assert result["model_dtype"] == f"torch.{half}"
+    assert (result["bf16"], result["fp16"]) == ((True, False) if gpu == "ampere" else (False, True))
+    assert result["use_cpu"] is False and result["optimizer"].startswith("bitsandbytes")  # the GPU recipe's 8-bit AdamW
+    assert result["weight_decay"] == 0.0
+    load, lora = result["calls"]
+    assert load["load_in_4bit"] is True and load["dtype"] == f"torch.{half}" and load["fast_inference"] is False
+    assert lora["use_gradient_checkpointing"] == "unsloth" and lora["r"] == lora["lora_alpha"] == 4
+    assert lora["target_modules"] == models.LORA_TARGETS
+
+    stats = json.load(open(run / training.STATS_FILE))
+    assert [e["step"] for e in stats] == [1, 2]
+    for entry in stats:  # one question per step, so one agent, whose mean is the step's reward
+        (agent_key,) = [k for k in entry if k.startswith("agents/")]
+        assert entry[agent_key] == pytest.approx(entry["reward"])
+    assert "step    2/2 | reward" in stdout
+    sample = next(line for line in stdout.splitlines() if line.startswith("  sample ["))
+    config = json.load(open(run / "config.json"))
+    assert config["backend"] == "unsloth" and config["precision"] == half
+    assert (run / "adapter_model.safetensors").exists() and (run / "rewards.png").exists()
+    assert json.load(open(run / "eval.json"))["format_compliance"] == 1.0
+
+    if style == "xml":
+        # The </response> stop: every completion ends at the tag, before the length limit.
+        assert result["generation_kwargs"]["stop_strings"] == [STOP_TAG]
+        assert sample.endswith(f"{STOP_TAG}'")
+        assert all(e["rewards/stop_tag_bonus/mean"] == 0.5 for e in stats)
+        assert all(e["completions/mean_length"] < 48 for e in stats)
+    else:
+        assert not result["generation_kwargs"]  # no stop string: the chat answer ends with eos
+        assert all(e["rewards/format_exact_reward/mean"] == 3.0 for e in stats)
+        assert all(e["completions/clipped_ratio"] == 0.0 for e in stats)
+
+
+def test_unsloths_config_trains_the_kits_recipe(checks):
+    """The kit's GRPOConfig arguments give the same config under Unsloth's patch as under plain trl,
+    except where a field cannot change what is trained. Unsloth's own defaults differ (weight decay
+    0.001, an emptied CUDA cache every 250 steps), so the kit sets those values itself."""
+    unsloth_cfg = checks[0]["config"]
+    s = training.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--output-dir", unsloth_cfg["output_dir"]],
+                                train_gsm8k.add_args)
+    trl_cfg = training.grpo_config(s, "unsloth", models.tiny_model_and_tokenizer()[1]).to_dict()
+    may_differ = {
+        "per_device_eval_batch_size", "eval_accumulation_steps",  # evaluation through the trainer, which the kit never runs
+        "logging_nan_inf_filter",  # what is logged, not trained
+        "router_aux_loss_coef",  # mixture-of-experts models only
+        "vllm_importance_sampling_correction",  # only when vLLM generates, which the trl backend never does
+    }
+    differ = {k: (trl_cfg[k], v) for k, v in unsloth_cfg.items() if k in trl_cfg and trl_cfg[k] != v}
+    assert set(differ) <= may_differ, differ
+    assert unsloth_cfg["weight_decay"] == 0.0 and unsloth_cfg["torch_empty_cache_steps"] is None
+
+
+def test_unsloths_vllm_patches_take(checks):
+    """Under the patch the config accepts vllm_sampling_params, as the kit builds them for the xml
+    stop tag, and trl's vLLM generation class carries Unsloth's LoRA hook."""
+    result = checks[0]["vllm"]
+    assert result["sampling_params"] == {"stop": [STOP_TAG], "include_stop_str_in_output": True}
+    assert not result["generation_kwargs"]  # vLLM stops on its own; no transformers stop strings
+    assert result["generate_wrapped"] and result["init_loads_lora"]
+    assert result["sync_patched"] == "<unsloth_trl_vllm_generation_sync_weights_patch>"
+
+
+def test_failed_trainer_patch_is_said_in_one_line(tmp_path):
+    """trl left unpatched, as when Unsloth's patch fails and it only warns: the kit says so once,
+    does not start vLLM, and gives trl's own config no vllm_sampling_params, which it would refuse."""
+    result, stdout = harness(tmp_path, "unpatched", "--gpu", "ampere", "--vllm-installed",
+                             rest=[*TRAIN, "--output-dir", str(tmp_path / "run")])
+    assert stdout.count("Unsloth did not patch trl's GRPOTrainer") == 1
+    assert result["trainer_bases"] == ["KitGRPOTrainer", "GRPOTrainer"]
+    assert result["calls"][0]["fast_inference"] is False
+    assert result["generation_kwargs"]["stop_strings"] == [STOP_TAG]
+    assert "step    2/2 | reward" in stdout
+
+
+def test_ensemble_decoding_on_an_unsloth_patched_model(checks):
+    """Unsloth's forward for the whole Qwen2 class returns a tuple on its one-token decode path and no
+    hidden states; ensemble decoding gives the same tokens as before the patch, and with one agent
+    the tokens of greedy generate."""
+    result = checks[0]["ensemble"]
+    assert result["after"] == result["before"]
+    assert result["after"][0] == result["greedy"][: len(result["after"][0])]
+    assert len(set(result["after"][1])) > 5  # varied text, so a wrong token would show
+
+
+def test_gguf_files_land_in_run_gguf(checks):
+    """Unsloth's save_pretrained_gguf writes the files beside the folder it is given, in NAME_gguf,
+    and a 16-bit merge into it. The kit's export leaves only the .gguf file, in RUN/gguf."""
+    result = checks[0]["gguf"]
+    assert result["paths"] == ["gguf/model.Q4_K_M.gguf"]
+    assert result["files"] == ["gguf/model.Q4_K_M.gguf"]  # no gguf-work/ merge, no gguf-work_gguf/
+
+
+def test_gguf_settings_checked_before_training(checks):
+    """An unknown quantization is refused with Unsloth's list; a missing llama.cpp is named."""
+    result, stdout = checks[0]["exports"], checks[1]
+    assert result["q4_k_m"] == "accepted"
+    assert "'q4_k_mm' is not a quantization Unsloth knows" in result["q4_k_mm"] and "q4_k_m" in result["q4_k_mm"]
+    assert "no working llama.cpp in " in stdout and "no-llama.cpp. After training" in stdout
+    assert "UNSLOTH_LLAMA_CPP_PATH" in stdout

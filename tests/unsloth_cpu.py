@@ -1,0 +1,344 @@
+"""The kit on its unsloth backend, run on a CPU through Unsloth's real patched trl, in a process of its own.
+
+    python tests/unsloth_cpu.py train --gpu t4 -- --smoke --backend unsloth --model-name stand-in/tiny ...
+    python tests/unsloth_cpu.py unpatched --gpu ampere -- <the same flags>
+    python tests/unsloth_cpu.py checks --out SCRATCH   # or one of: config vllm exports gguf ensemble
+
+Every mode imports unsloth first and applies the trl patches that importing it applies on a GPU:
+UNSLOTH_ALLOW_CPU=1 lets it import without a GPU (and skips that rewrite), then, with the variable
+back at "0", unsloth.models.rl.PatchFastRL() rewrites trl: trl.GRPOTrainer becomes the generated
+UnslothGRPOTrainer and trl's vLLM generation class gets Unsloth's LoRA hooks. The mode "unpatched"
+skips PatchFastRL, which leaves trl as a failed patch would. Each mode prints "RESULT <json>" last.
+
+Real: unsloth and unsloth_zoo 2026.10.7, the patched trl 1.14.0 trainer and config, the kit's settings,
+backend choice, GRPOConfig, trainer subclass, progress line, stats, plot and quick evaluation, and
+bitsandbytes' 8-bit AdamW (which runs on a CPU). Stand-ins, each because it cannot run on a CPU:
+  - the GPU: models.gpu_capability() answers (7, 5) for "t4" or (8, 0) for "ampere", and the bf16
+    queries of torch (torch.cuda.is_bf16_supported) and transformers (is_torch_bf16_gpu_available)
+    answer True, as on both cards (a T4 emulates bf16). torch itself sees no CUDA device, so the
+    trainer runs on the CPU, in the mixed precision the config asks for.
+  - FastLanguageModel.from_pretrained: its 4-bit load needs bitsandbytes' CUDA kernels and asks the
+    CUDA device about itself. It gives the tiny offline Qwen2 model, in the dtype Unsloth's loader
+    picks for the simulated card (fp16 below capability 8.0, even when bf16 is asked for), and
+    records its arguments.
+  - FastLanguageModel.get_peft_model: it only takes a model from the real from_pretrained. PEFT LoRA
+    with the arguments the kit passes, then what Unsloth attaches: for_training/for_inference and
+    its saving functions (save_pretrained_merged, save_pretrained_gguf).
+  - in "gguf", llama.cpp's converter (unsloth.save.save_to_gguf) writes a small file instead.
+  - in "ensemble", Unsloth's one-token decode kernel (it needs CUDA) runs the transformers backbone
+    and returns what Unsloth's kernel returns; the wrapper around it is Unsloth's real
+    CausalLM_fast_forward, installed on Qwen2ForCausalLM for the whole class as Unsloth does.
+  - in "vllm" and "unpatched", vllm.SamplingParams: vllm is not installed on a CPU.
+The environment sets TORCHDYNAMO_DISABLE=1: Unsloth compiles its GRPO loss with torch.compile,
+which on a CPU is a C++ build of about 100 s per process (on a GPU it is Triton, which no CPU run
+exercises), so the loss runs eagerly here.
+"""
+
+import argparse
+import functools
+import json
+import os
+import sys
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+CAPABILITY = {"t4": (7, 5), "ampere": (8, 0)}
+NAME = {"t4": "Tesla T4", "ampere": "NVIDIA A100-SXM4-40GB"}
+
+
+def import_unsloth(patch_trl=True):
+    os.environ["UNSLOTH_ALLOW_CPU"] = "1"
+    import unsloth  # noqa: F401  (first, as on a GPU)
+
+    os.environ["UNSLOTH_ALLOW_CPU"] = "0"
+    if patch_trl:
+        from unsloth.models.rl import PatchFastRL
+
+        PatchFastRL()
+    import trl
+
+    patched = trl.GRPOTrainer.__name__ == "UnslothGRPOTrainer"
+    assert patched == patch_trl, f"trl.GRPOTrainer is {trl.GRPOTrainer.__module__}.{trl.GRPOTrainer.__name__}"
+    print(f"trl.GRPOTrainer is {trl.GRPOTrainer.__name__}", flush=True)
+
+
+def simulate_gpu(name):
+    import torch
+
+    import models
+
+    import transformers.training_args
+
+    capability = CAPABILITY[name]
+    models.gpu_capability = lambda: capability
+    # What CUDA answers on both cards (a T4 emulates bf16), asked by torch and by transformers.
+    torch.cuda.is_bf16_supported = lambda including_emulation=True: True
+    transformers.training_args.is_torch_bf16_gpu_available = lambda: True
+    torch.cuda.get_device_name = lambda device=None: NAME[name]
+    return capability
+
+
+def script_model(model, tokenizer, text):
+    """Make the model write ``text`` after any prompt: each decode step's scripted token wins by a margin
+    that no sampling undoes. A stand-in for a model trained to close its answers."""
+    script = tokenizer(text)["input_ids"]
+    state = {"step": 0}
+
+    def count(module, args):  # a prompt (several tokens) starts the script; each decode step advances it
+        state["step"] = 0 if args[0].shape[1] > 1 else state["step"] + 1
+
+    def force(module, args, logits):
+        logits[:, -1, script[min(state["step"], len(script) - 1)]] += 1e4
+        return logits
+
+    model.model.embed_tokens.register_forward_pre_hook(count)
+    model.lm_head.register_forward_hook(force)
+
+
+def stand_in_unsloth_loading(capability, calls, script=None, base_dir=None):
+    """FastLanguageModel.from_pretrained and get_peft_model on the tiny model; see the module docstring."""
+    import torch
+    from unsloth import FastLanguageModel
+    from unsloth.models.llama import FastLlamaModel
+    from unsloth.save import patch_saving_functions
+
+    import models
+
+    def from_pretrained(model_name, max_seq_length=None, dtype=None, load_in_4bit=False, fast_inference=False,
+                        **kwargs):
+        calls.append({"call": "from_pretrained", "model_name": model_name, "dtype": str(dtype),
+                      "load_in_4bit": load_in_4bit, "fast_inference": fast_inference,
+                      "max_seq_length": max_seq_length, **{k: str(v) for k, v in kwargs.items()}})
+        supports_bf16 = capability >= (8, 0)  # Unsloth's SUPPORTS_BFLOAT16: capability 8.0 or more
+        if dtype is None or (dtype == torch.bfloat16 and not supports_bf16):
+            dtype = torch.bfloat16 if supports_bf16 else torch.float16
+        model, tokenizer = models.tiny_model_and_tokenizer()
+        model.to(dtype)
+        model.max_seq_length = max_seq_length
+        if base_dir:  # Unsloth's merge reads the base weights from the model's name: a local folder here
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+            model.config._name_or_path = base_dir
+        if script:
+            script_model(model, tokenizer, script)
+        return model, tokenizer
+
+    def get_peft_model(model, r=16, lora_alpha=16, target_modules=None, use_gradient_checkpointing=True,
+                       random_state=3407, **kwargs):
+        calls.append({"call": "get_peft_model", "r": r, "lora_alpha": lora_alpha, "target_modules": target_modules,
+                      "use_gradient_checkpointing": use_gradient_checkpointing})
+        model = models.add_lora(model, r, random_state)
+        model.for_training = functools.partial(FastLlamaModel.for_training, model)
+        model.for_inference = functools.partial(FastLlamaModel.for_inference, model)
+        return patch_saving_functions(model)
+
+    FastLanguageModel.from_pretrained = staticmethod(from_pretrained)
+    FastLanguageModel.get_peft_model = staticmethod(get_peft_model)
+
+
+def stand_in_vllm():
+    """A vllm module holding only SamplingParams, which keeps what it is given."""
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self._set_kwargs = kwargs
+            self.__dict__.update(kwargs)
+
+    module = types.ModuleType("vllm")
+    module.SamplingParams = SamplingParams
+    sys.modules["vllm"] = module
+
+
+def capture_trainer():
+    """Keep the trainer that training.main builds, to report on it afterwards."""
+    import training
+
+    made, make = [], training.make_trainer_class
+
+    def make_trainer_class():
+        cls = make()
+
+        class Recorded(cls):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                made.append(self)
+
+        Recorded.__name__ = cls.__name__
+        return Recorded
+
+    training.make_trainer_class = make_trainer_class
+    return made
+
+
+def train(args, rest):
+    """training.main of train_synthetic.py, or of train_gsm8k.py with --dataset, on the unsloth backend."""
+    if args.vllm_installed:
+        stand_in_vllm()
+        import models
+
+        models.vllm_available = lambda: True
+    capability = simulate_gpu(args.gpu)
+    calls = []
+    stand_in_unsloth_loading(capability, calls, args.script)
+    made = capture_trainer()
+    import training
+
+    script = __import__("train_gsm8k" if "--dataset" in rest else "train_synthetic")
+    training.main(script.__doc__, script.DEFAULTS, script.load_data, rest, script.add_args)
+    trainer = made[0]
+    model_dtype = next(trainer.model.parameters()).dtype
+    return {"trainer_bases": [c.__name__ for c in type(trainer).__mro__[1:3]], "bf16": trainer.args.bf16,
+            "fp16": trainer.args.fp16, "optim": str(trainer.args.optim), "use_cpu": trainer.args.use_cpu,
+            "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__module__,
+            "model_dtype": str(model_dtype), "generation_kwargs": trainer.args.generation_kwargs,
+            "weight_decay": trainer.args.weight_decay, "calls": calls}
+
+
+def config(args):
+    """The kit's GRPOConfig arguments, built by Unsloth's patched GRPOConfig, as a dict."""
+    import models
+    import train_gsm8k
+    import training
+
+    s = training.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--output-dir", args.out],
+                                train_gsm8k.add_args)
+    _, tokenizer = models.tiny_model_and_tokenizer()
+    cfg = training.grpo_config(s, "unsloth", tokenizer)
+    return {k: v for k, v in cfg.to_dict().items() if isinstance(v, (bool, int, float, str, type(None)))}
+
+
+def vllm_patches(args):
+    """The patched config takes vllm_sampling_params, as the kit builds them for the xml stop tag, and trl's
+    vLLM generation class carries Unsloth's LoRA hook."""
+    stand_in_vllm()
+    import trl.generation.vllm_generation as vllm_generation
+
+    import models
+    import train_synthetic
+    import training
+    from rewards import STOP_TAG
+
+    s = training.parse_settings("test", train_synthetic.DEFAULTS, ["--smoke", "--output-dir", args.out],
+                                train_synthetic.add_args)
+    _, tokenizer = models.tiny_model_and_tokenizer()
+    cfg = training.grpo_config(s, "unsloth", tokenizer, vllm=True)
+    del sys.modules["vllm"]
+    generation = vllm_generation.VLLMGeneration
+    return {"sampling_params": cfg.vllm_sampling_params._set_kwargs, "stop_tag": STOP_TAG,
+            "generation_kwargs": cfg.generation_kwargs,
+            "generate_wrapped": bool(getattr(generation.generate, "_unsloth_vllm_generation_lora_wrapped", False)),
+            "init_loads_lora": "_unsloth_load_lora" in generation._init_vllm.__code__.co_names,
+            "sync_patched": generation.sync_weights.__code__.co_filename}
+
+
+def ensemble(args):
+    """agents.ensemble_generate after Unsloth has replaced Qwen2ForCausalLM.forward for the whole class."""
+    import torch
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+    import unsloth.models.llama as unsloth_llama
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    import agents
+    import models
+
+    model, tokenizer = models.tiny_model_and_tokenizer()
+    torch.manual_seed(1)
+    for p in model.parameters():  # varied greedy text, so that a wrong token shows
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
+    model.eval()
+    prompts = [tokenizer.apply_chat_template(agents.chat_prompt(instruction, "How many apples?"), tokenize=False,
+                                             add_generation_prompt=True)
+               for instruction in list(agents.get_agents("core").values())[:2]]
+    before = [agents._ensemble_ids(model, tokenizer, p, 12)[0] for p in (prompts[:1], prompts)]
+    enc = tokenizer(prompts[:1], return_tensors="pt", add_special_tokens=False)
+    greedy = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
+
+    def decode_kernel(self, input_ids, past_key_values, position_ids=None, attention_mask=None, **kwargs):
+        # Unsloth's kernel returns the normed last hidden state, a tuple cache and no hidden states.
+        cache = DynamicCache()
+        for layer, (k, v) in enumerate(past_key_values):
+            cache.update(k, v, layer)
+        out = self.model(input_ids=input_ids, past_key_values=cache, position_ids=position_ids,
+                         attention_mask=attention_mask, use_cache=True)
+        return BaseModelOutputWithPast(last_hidden_state=out.last_hidden_state, hidden_states=[], attentions=[],
+                                       past_key_values=unsloth_llama._cache_as_legacy_tuple(out.past_key_values))
+
+    qwen2.Qwen2ForCausalLM.forward = unsloth_llama.CausalLM_fast_forward(decode_kernel)
+    after = [agents._ensemble_ids(model, tokenizer, p, 12)[0] for p in (prompts[:1], prompts)]
+    return {"before": before, "after": after,
+            "greedy": greedy[0, enc["input_ids"].shape[1]:].tolist(), "eos": tokenizer.eos_token_id}
+
+
+def gguf(args):
+    """export.save_gguf through Unsloth's real save_pretrained_gguf, with llama.cpp's converter stood in."""
+    import unsloth.save as unsloth_save
+
+    import export
+    import models
+
+    calls = []
+    stand_in_unsloth_loading(simulate_gpu(args.gpu), calls, base_dir=os.path.join(args.out, "base"))
+
+    def save_to_gguf(*a, gguf_directory=None, quantization_method=None, **kwargs):
+        os.makedirs(gguf_directory, exist_ok=True)
+        methods = quantization_method if isinstance(quantization_method, list) else [quantization_method]
+        paths = [os.path.join(gguf_directory, f"model.{m.upper()}.gguf") for m in methods]
+        for path in paths:
+            with open(path, "wb") as f:
+                f.write(b"GGUF")
+        return paths, False, False
+
+    unsloth_save.save_to_gguf = save_to_gguf
+    model, tokenizer, _ = models.load_unsloth("stand-in/tiny", max_seq_length=64, lora_rank=4)
+    run = os.path.join(args.out, "run")
+    os.makedirs(run)
+    paths = export.save_gguf(model, tokenizer, run, "q4_k_m")
+    listing = sorted(os.path.relpath(os.path.join(d, f), run) for d, _, fs in os.walk(run) for f in fs)
+    return {"paths": [os.path.relpath(p, run) for p in paths], "files": listing}
+
+
+def exports_check(args):
+    """export.check_exports on the unsloth backend: quantization names and the llama.cpp lookup."""
+    import export
+
+    out = {}
+    for quant in ("q4_k_m", "q4_k_mm"):
+        try:
+            export.check_exports("stand-in/tiny", False, quant, "unsloth", "test")
+            out[quant] = "accepted"
+        except SystemExit as e:
+            out[quant] = str(e)
+    return out
+
+
+def checks(args):
+    """config, vllm, exports, gguf and ensemble in one process, in an order where none disturbs the next:
+    config before the GPU is simulated, the class-wide forward replaced last."""
+    return {name: MODES[name](args) for name in ("config", "vllm", "exports", "gguf", "ensemble")}
+
+
+MODES = {"config": config, "vllm": vllm_patches, "exports": exports_check, "gguf": gguf, "ensemble": ensemble,
+         "checks": checks}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["train", "unpatched", *MODES])
+    p.add_argument("--gpu", choices=list(CAPABILITY), default="t4")
+    p.add_argument("--vllm-installed", action="store_true", help="vllm 'installed' (a stand-in SamplingParams)")
+    p.add_argument("--out", default=None, help="a scratch folder")
+    p.add_argument("--script", help="make the model write this text after every prompt")
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.rest = argv[cut + 1 :]  # after --: the training script's flags
+    import_unsloth(patch_trl=args.mode != "unpatched")
+    result = train(args, args.rest) if args.mode in ("train", "unpatched") else MODES[args.mode](args)
+    print("RESULT " + json.dumps(result, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()
