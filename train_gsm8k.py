@@ -19,6 +19,7 @@ Quick check of the whole pipeline on a CPU (tiny offline model, under a minute):
 Outputs (one run folder): the LoRA adapter and tokenizer, config.json, training_stats.json,
 rewards.png, checkpoint-N/ folders and eval.json. Reload the adapter with
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL), RUN_DIR)
+Export it with --save-merged or --save-gguf q4_k_m, or later: python export.py RUN_DIR --merged
 Expect a reward near the format terms only for the first tens of steps; correctness comes later.
 """
 

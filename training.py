@@ -2,10 +2,13 @@
 
     settings  parse_settings(): the script's DEFAULTS, then --smoke's, then the flags given;
               values that cannot work are refused here, before any model loads
-    model     load_model(): the unsloth or trl backend (models.py), or the tiny --smoke model
-    trainer   KitGRPOTrainer: TRL's GRPOTrainer plus per-agent reward logging and stop strings
+    model     pick_backend(), then load_model(): the unsloth or trl backend (models.py), or the
+              tiny --smoke model; the exports are checked in between (export.check_exports)
+    trainer   KitGRPOTrainer: TRL's GRPOTrainer (or Unsloth's rewrite of it) plus per-agent
+              reward logging and stop strings; grpo_config(): the recipe, the same on both backends
     outputs   one run folder: adapter + tokenizer, config.json, training_stats.json (per step,
-              written atomically), rewards.png, checkpoints, eval.json; never silently overwritten
+              written atomically), rewards.png, checkpoints, eval.json, then the exports (export.py);
+              never silently overwritten
 
 A script supplies its DEFAULTS, its SMOKE overrides and a ``load_data(settings)`` that returns
 (train rows, held-out rows), each with ``question`` and ``answer``; main() does the rest.
@@ -96,8 +99,9 @@ def build_parser(description, defaults, extra_args=None):
     add(o, "--resume", "continue from the last checkpoint in --output-dir", action="store_true")
     add(o, "--overwrite", "move an existing --output-dir aside (to NAME.old-TIME) and start afresh", action="store_true")
     add(o, "--save-steps", "write a checkpoint every N steps", type=int)
-    add(o, "--save-merged", "also save a merged 16-bit model in RUN/merged", action="store_true")
-    add(o, "--save-gguf", "also save a GGUF file with this quantization, e.g. q4_k_m (unsloth backend)", type=str)
+    add(o, "--save-merged", "after training, also save a merged 16-bit model in RUN/merged", action="store_true")
+    add(o, "--save-gguf", "after training, also save a GGUF file in RUN/gguf with this quantization, e.g. q4_k_m "
+        "(unsloth backend, llama.cpp)", type=str)
     add(o, "--skip-evaluation", "skip the quick held-out evaluation after training", action="store_true")
     add(o, "--eval-examples", "held-out questions for the quick evaluation", type=int)
     lg = p.add_argument_group("logging")

@@ -56,7 +56,8 @@ SCRIPTS = {"chat": "<start_working_out>3 + 4 = 7<end_working_out><SOLUTION>7</SO
 REWARDS = {"chat": "format_exact_reward,format_approx_reward", "xml": "correctness_reward,stop_tag_bonus"}
 
 
-@pytest.mark.parametrize("gpu, style", [("t4", "xml"), ("t4", "chat"), ("ampere", "chat"), ("ampere", "xml")])
+# Colab's T4 in both prompt styles, and an Ampere card; the stop tag does not depend on the card.
+@pytest.mark.parametrize("gpu, style", [("t4", "chat"), ("t4", "xml"), ("ampere", "chat")])
 def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style):
     """train_synthetic.py's main on the unsloth backend: the kit's trainer subclasses the generated
     UnslothGRPOTrainer, Unsloth accepts the kit's precision for the card (on a T4 an fp16 model and
