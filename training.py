@@ -183,7 +183,7 @@ def validate(s):
         raise ValueError("--resume and --overwrite contradict each other; give one")
     if s["model_name"] == models.DEFAULT_MODEL and not s["smoke"] and models.gpu_capability() is None:
         raise SystemExit(
-            f"{models.DEFAULT_MODEL} needs a CUDA GPU, and {models.no_gpu_reason()}; nothing was downloaded.\n"
+            f"{models.DEFAULT_MODEL} needs a CUDA GPU, so nothing was downloaded: {models.no_gpu_reason()}.\n"
             "  Check the pipeline on this machine:  python " + os.path.basename(sys.argv[0]) + " --smoke\n"
             "  Train for real on a GPU (Colab, Kaggle or a 12-24 GB card), or pick a small --model-name."
         )
