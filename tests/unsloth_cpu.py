@@ -15,8 +15,9 @@ backend choice, GRPOConfig, trainer subclass, progress line, stats, plot and qui
 bitsandbytes' 8-bit AdamW (which runs on a CPU). Stand-ins, each because it cannot run on a CPU:
   - the GPU: models.gpu_capability() answers (7, 5) for "t4" or (8, 0) for "ampere", and the bf16
     queries of torch (torch.cuda.is_bf16_supported) and transformers (is_torch_bf16_gpu_available)
-    answer True, as on both cards (a T4 emulates bf16). torch itself sees no CUDA device, so the
-    trainer runs on the CPU, in the mixed precision the config asks for.
+    answer True, as on both cards (a T4 emulates bf16); torch.cuda.get_device_name names the card
+    (Unsloth's merge asks). torch itself sees no CUDA device, so the trainer runs on the CPU, in
+    the mixed precision the config asks for.
   - FastLanguageModel.from_pretrained: its 4-bit load needs bitsandbytes' CUDA kernels and asks the
     CUDA device about itself. It gives the tiny offline Qwen2 model, in the dtype Unsloth's loader
     picks for the simulated card (fp16 below capability 8.0, even when bf16 is asked for), and
@@ -24,6 +25,8 @@ bitsandbytes' 8-bit AdamW (which runs on a CPU). Stand-ins, each because it cann
   - FastLanguageModel.get_peft_model: it only takes a model from the real from_pretrained. PEFT LoRA
     with the arguments the kit passes, then what Unsloth attaches: for_training/for_inference and
     its saving functions (save_pretrained_merged, save_pretrained_gguf).
+  - with --script TEXT, the model writes TEXT after every prompt: a stand-in for a trained model,
+    so that the stop tag and the format rewards have an answer to act on.
   - in "gguf", llama.cpp's converter (unsloth.save.save_to_gguf) writes a small file instead.
   - in "ensemble", Unsloth's one-token decode kernel (it needs CUDA) runs the transformers backbone
     and returns what Unsloth's kernel returns; the wrapper around it is Unsloth's real
