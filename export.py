@@ -132,20 +132,17 @@ def export_run(model, tokenizer, run_dir, backend, model_name, merged=False, ggu
     return failed
 
 
-def load_run(run_dir, backend):
-    """The trained model of a run folder: its base with the saved adapter."""
+def load_run(run_dir, backend, model_name):
+    """The trained model of a run folder: its base ``model_name`` with the saved adapter."""
     import models
 
-    with open(os.path.join(run_dir, "config.json")) as f:
-        model_name = json.load(f)["settings"]["model_name"]
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
-        model, tokenizer = FastLanguageModel.from_pretrained(run_dir, load_in_4bit=True)  # base + adapter
-        return model, tokenizer, model_name
+        return FastLanguageModel.from_pretrained(run_dir, load_in_4bit=True)  # base + adapter
     base = os.path.join(run_dir, "base-model") if model_name == "tiny" else model_name
     model, tokenizer = models.load_pretrained(base)
-    return models.load_adapter(model, run_dir), tokenizer, model_name
+    return models.load_adapter(model, run_dir), tokenizer
 
 
 def main(argv=None):
@@ -177,7 +174,7 @@ def main(argv=None):
     requested = config.get("backend", "trl") if args.backend == "auto" else args.backend
     backend, reason = ("trl", "--smoke run") if model_name == "tiny" else models.choose_backend(requested)
     check_exports(model_name, args.merged, args.gguf, backend, reason)
-    model, tokenizer, model_name = load_run(args.run_dir, backend)
+    model, tokenizer = load_run(args.run_dir, backend, model_name)
     failed = export_run(model, tokenizer, args.run_dir, backend, model_name, args.merged, args.gguf)
     sys.exit(1 if failed else 0)
 
