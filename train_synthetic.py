@@ -17,8 +17,11 @@ On a 12-24 GB GPU:
     python train_synthetic.py
     python train_synthetic.py --rewards correctness_reward,stop_tag_bonus --curriculum
 
-Quick check of the whole pipeline on a CPU (tiny offline model, under a minute):
-    python train_synthetic.py --smoke
+Quick check of the whole pipeline on a CPU (tiny offline model, under a minute; --overwrite
+replaces the previous smoke run, kept aside):
+    python train_synthetic.py --smoke --overwrite
+
+Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.
 
 Outputs: as train_gsm8k.py (adapter, config.json, training_stats.json, rewards.png, checkpoints).
 """

@@ -6,18 +6,22 @@
               tiny --smoke model; the exports are checked in between (export.check_exports)
     trainer   KitGRPOTrainer: TRL's GRPOTrainer (or Unsloth's rewrite of it) plus per-agent
               reward logging and stop strings; grpo_config(): the recipe, the same on both backends
-    outputs   one run folder: adapter + tokenizer, config.json, training_stats.json (per step,
-              written atomically), rewards.png, checkpoints, eval.json, then the exports (export.py);
-              never silently overwritten
+    outputs   one run folder (runs.py: never silently overwritten, resumed from its newest complete
+              checkpoint): adapter + tokenizer, config.json, training_stats.json (per step, written
+              atomically), rewards.png, checkpoints, eval.json, then the exports (export.py)
+    Ctrl-C    stops after the current step, with a checkpoint, and prints the --resume command
 
 A script supplies its DEFAULTS, its SMOKE overrides and a ``load_data(settings)`` that returns
 (train rows, held-out rows), each with ``question`` and ``answer``; main() does the rest.
 """
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections import defaultdict
@@ -26,12 +30,14 @@ import torch
 
 import export
 import models
+import runs
 from agents import expand_agents, get_agents
 from rewards import GSM8K_REWARD_WEIGHTS, STOP_TAG, completion_text, get_reward_funcs
+from runs import CONFIG_FILE, STATS_FILE, write_json_atomic
 
-STATS_FILE = "training_stats.json"
-CONFIG_FILE = "config.json"
-REPORT_TO = ("none", "trackio", "wandb", "tensorboard")
+# Each tracker, and the packages that provide it (transformers takes either for tensorboard).
+TRACKERS = {"none": (), "trackio": ("trackio",), "wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
+REPORT_TO = tuple(TRACKERS)
 
 # Plumbing settings both scripts share; each script's DEFAULTS holds its recipe.
 COMMON_DEFAULTS = dict(
@@ -82,7 +88,8 @@ def build_parser(description, defaults, extra_args=None):
     g = p.add_argument_group("GRPO")
     add(g, "--max-steps", "optimizer steps", type=int)
     add(g, "--learning-rate", "AdamW learning rate", type=float)
-    add(g, "--batch-size", "prompts x generations per device step; empty = num_generations", type=int)
+    add(g, "--batch-size", "completions per device step, a multiple of --num-generations; '' (empty) = "
+        "num_generations", type=whole_number_or_empty)
     add(g, "--gradient-accumulation-steps", "steps per optimizer update; raise it instead of --batch-size if out of memory", type=int)
     add(g, "--num-generations", "completions per prompt (the GRPO group); lower it if out of memory", type=int)
     add(g, "--max-completion-length", "tokens per completion; lower it if out of memory", type=int)
@@ -96,14 +103,15 @@ def build_parser(description, defaults, extra_args=None):
     add(d, "--prompt-style", "chat (structured <SOLUTION> format) or xml (answer closed by </response>)", choices=["chat", "xml"])
     o = p.add_argument_group("outputs")
     add(o, "--output-dir", "run folder; refused if it exists, unless --resume or --overwrite", type=str)
-    add(o, "--resume", "continue from the last checkpoint in --output-dir", action="store_true")
+    add(o, "--resume", "continue from the newest complete checkpoint in --output-dir, with its saved settings; "
+        "a larger --max-steps extends a finished run", action="store_true")
     add(o, "--overwrite", "move an existing --output-dir aside (to NAME.old-TIME) and start afresh", action="store_true")
-    add(o, "--save-steps", "write a checkpoint every N steps", type=int)
+    add(o, "--save-steps", "write a checkpoint every N steps and at the last; the two newest are kept", type=int)
     add(o, "--save-merged", "after training, also save a merged 16-bit model in RUN/merged", action="store_true")
     add(o, "--save-gguf", "after training, also save a GGUF file in RUN/gguf with this quantization, e.g. q4_k_m "
         "(unsloth backend, llama.cpp)", type=str)
     add(o, "--skip-evaluation", "skip the quick held-out evaluation after training", action="store_true")
-    add(o, "--eval-examples", "held-out questions for the quick evaluation", type=int)
+    add(o, "--eval-examples", "held-out questions for the quick evaluation, never trained on (0 = none)", type=int)
     lg = p.add_argument_group("logging")
     add(lg, "--report-to", "experiment tracker", choices=list(REPORT_TO))
     add(lg, "--project-name", "tracker project name", type=str)
@@ -114,19 +122,30 @@ def build_parser(description, defaults, extra_args=None):
     return p
 
 
+def whole_number_or_empty(value):
+    """--batch-size's type: a whole number, or '' for None (num_generations)."""
+    if not value.strip():
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, or '' for --num-generations; got {value!r}") from None
+
+
 def in_notebook():
     """True inside a Jupyter/Colab/Kaggle kernel, whose own argv must not reach the parser."""
     return "ipykernel" in sys.modules or os.path.basename(sys.argv[0]).startswith("ipykernel")
 
 
-def parse_settings(description, defaults, argv=None, extra_args=None):
-    """DEFAULTS, then --smoke's overrides, then the saved config on --resume, then the flags given."""
+def parse_settings(description, defaults, argv=None, extra_args=None, smoke=None):
+    """DEFAULTS, then --smoke's overrides (SMOKE, then the script's ``smoke``), then the saved config
+    on --resume, then the flags given."""
     defaults = {**COMMON_DEFAULTS, **defaults}
     parser = build_parser(description, defaults, extra_args)
     if argv is None:
         argv = [] if in_notebook() else sys.argv[1:]
     given = vars(parser.parse_args(argv))
-    settings = {**defaults, **(SMOKE if given.get("smoke") else {})}
+    settings = {**defaults, **({**SMOKE, **(smoke or {})} if given.get("smoke") else {})}
     if given.get("smoke"):
         settings["output_dir"] += "-smoke"  # a smoke run never takes the real run's folder
     saved = os.path.join(given.get("output_dir", settings["output_dir"]), CONFIG_FILE)
@@ -164,8 +183,14 @@ def validate(s):
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {s[key]}")
     if s["num_generations"] < 2:
         raise ValueError("--num-generations must be at least 2: GRPO compares completions within a group")
+    for key in ("eval_examples", "sample_every"):
+        if s[key] < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be 0 or more, got {s[key]}")
     if not s["learning_rate"] > 0 or not math.isfinite(s["learning_rate"]):
         raise ValueError(f"--learning-rate must be a positive number, got {s['learning_rate']}")
+    if not s["temperature"] > 0 or not math.isfinite(s["temperature"]):
+        raise ValueError(f"--temperature must be above 0, got {s['temperature']}: GRPO learns from the differences "
+                         "between sampled completions, and 0 would make them all the same; 1.0 is usual")
     if s["batch_size"] is None:
         s["batch_size"] = s["num_generations"]  # one prompt's group per step: the unambiguous choice
     per_generation = s["batch_size"] * s["gradient_accumulation_steps"]
@@ -177,8 +202,14 @@ def validate(s):
         )
     s["reward_weights"] = parse_reward_spec(s["rewards"])
     get_agents(s["agents"])  # raises on a bad spec
-    if s["report_to"] not in REPORT_TO:
+    if s["report_to"] not in TRACKERS:
         raise ValueError(f"--report-to must be one of {REPORT_TO}")
+    packages = TRACKERS[s["report_to"]]
+    if packages and not any(importlib.util.find_spec(p) for p in packages):
+        raise ValueError(f"--report-to {s['report_to']}: the {packages[0]} package is not installed; "
+                         f"pip install {packages[0]}, or leave --report-to at none")
+    if os.path.exists(s["output_dir"]) and not os.path.isdir(s["output_dir"]):
+        raise ValueError(f"--output-dir {s['output_dir']!r} is a file; give the path of a folder for the run")
     if s["resume"] and s["overwrite"]:
         raise ValueError("--resume and --overwrite contradict each other; give one")
     if s["model_name"] == models.DEFAULT_MODEL and not s["smoke"] and models.gpu_capability() is None:
@@ -188,40 +219,6 @@ def validate(s):
             "  Train for real on a GPU (Colab, Kaggle or a 12-24 GB card), or pick a small --model-name."
         )
     return s
-
-
-def prepare_output_dir(s):
-    """Refuse an existing run folder unless --resume or --overwrite; --overwrite keeps the old one aside."""
-    out = s["output_dir"]
-    exists = os.path.isdir(out) and os.listdir(out)
-    if s["resume"]:
-        if not exists or last_checkpoint(out) is None:
-            raise SystemExit(f"--resume: no checkpoint-N folder in {out!r} to continue from")
-    elif exists:
-        if not s["overwrite"]:
-            raise SystemExit(
-                f"{out!r} already holds a run. Continue it with --resume, move it aside with "
-                "--overwrite, or choose another --output-dir."
-            )
-        backup = f"{out.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
-        os.rename(out, backup)
-        print(f"--overwrite: moved the previous run to {backup}")
-    os.makedirs(out, exist_ok=True)
-
-
-def last_checkpoint(out):
-    steps = [int(d.split("-")[1]) for d in os.listdir(out) if d.startswith("checkpoint-") and d.split("-")[1].isdigit()]
-    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
-
-
-def write_json_atomic(path, obj):
-    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- model
@@ -242,10 +239,10 @@ def load_model(s, backend):
     if s["model_name"] == "tiny":
         model, tokenizer = models.tiny_model_and_tokenizer(seed=s["seed"])
         # The random base lives only in this process: save it, so that the adapter can be reloaded.
+        # The same seed makes the same model, so a resumed run writes the same files again.
         base_dir = os.path.abspath(os.path.join(s["output_dir"], "base-model"))
-        if not os.path.isdir(base_dir):
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
         model.config._name_or_path = base_dir
         return models.add_lora(model, s["lora_rank"], s["seed"]), tokenizer, False
     if backend == "unsloth":
@@ -308,7 +305,8 @@ def make_trainer_class():
 
 
 def make_progress(s, stats):
-    """The progress bar with one fixed-format line per logging step, stats writing, final checkpoint."""
+    """The progress bar with one fixed-format line per logging step, stats writing, the checkpoint at
+    the last step, and the stop after a step that Ctrl-C asks for (``stop_requested``)."""
     from transformers import ProgressCallback
 
     stats_path = os.path.join(s["output_dir"], STATS_FILE)
@@ -320,6 +318,7 @@ def make_progress(s, stats):
             self.trainer = None  # set once the trainer exists, for its sample completions
             self.step_start = time.perf_counter()
             self.step_seconds = 0.0
+            self.stop_requested = False
 
         def on_step_begin(self, args, state, control, **kw):
             self.step_start = time.perf_counter()
@@ -329,6 +328,8 @@ def make_progress(s, stats):
             super().on_step_end(args, state, control, **kw)
             if state.global_step >= state.max_steps:
                 control.should_save = True  # always leave a checkpoint at the last step, for --resume
+            if self.stop_requested:
+                control.should_save = control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kw):
             if "reward" not in logs:
@@ -446,21 +447,34 @@ def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens):
 
 # ---------------------------------------------------------------------------- main
 
-def main(description, defaults, load_data, argv=None, extra_args=None):
-    """Parse settings, load data and model, train with GRPO, save, evaluate, export."""
+def main(description, defaults, load_data, argv=None, extra_args=None, smoke=None):
+    """Parse settings, check the run folder, data and model name, load the model, train with GRPO,
+    save, evaluate, export. ``smoke``: the script's own overrides for --smoke."""
     from datasets import Dataset
 
-    s = parse_settings(description, defaults, argv, extra_args)
+    s = parse_settings(description, defaults, argv, extra_args, smoke)
+    plan = runs.inspect_run(s)  # refuses a folder it must not touch; touches nothing
+    if plan["action"] == "finished":
+        print(runs.describe(s, plan))
+        return s
     s["max_seq_length"] = s["max_prompt_length"] + s["max_completion_length"]
     backend, reason = pick_backend(s)  # imports unsloth, when used, before trl
     print(f"backend: {backend} ({reason})")
     export.check_exports(s["model_name"], s["save_merged"], s["save_gguf"], backend, reason)
-    prepare_output_dir(s)
     t0 = time.time()
-    train_rows, eval_rows = load_data(s)
+    try:
+        models.check_source(s["model_name"])  # fails fast when the hub cannot be asked
+        train_rows, eval_rows = load_data(s)
+    except (ValueError, OSError) as e:  # the loaders name the file, row or flag, and the fix
+        raise SystemExit(str(e)) from None
     dataset = Dataset.from_list(
         expand_agents(list(train_rows), s["agents"], s["agent_sampling"], s["seed"], style=s["prompt_style"])
     )
+    check_enough_data(s, len(train_rows), len(eval_rows), len(dataset))
+
+    runs.prepare_run(s, plan)  # only now is an old run moved aside (--overwrite)
+    if runs.describe(s, plan):
+        print(runs.describe(s, plan))
     model, tokenizer, vllm = load_model(s, backend)
     if backend == "unsloth":
         print("generation: " + ("vLLM" if vllm else "Unsloth's own generate (no vLLM)"))
@@ -473,8 +487,43 @@ def main(description, defaults, load_data, argv=None, extra_args=None):
     })
     print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
 
-    stats_path = os.path.join(s["output_dir"], STATS_FILE)
-    stats = json.load(open(stats_path)) if s["resume"] and os.path.exists(stats_path) else []
+    resumed = plan["action"] in ("resume", "finish")
+    stats = runs.load_stats(s["output_dir"], plan["step"]) if resumed else []
+    try:
+        step = train(s, plan, backend, model, tokenizer, vllm, dataset, stats)
+        write_outputs(s, backend, model, tokenizer, stats, eval_rows)
+        runs.mark_finished(s["output_dir"], step)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one after training: stop at once
+        stop_message(s, stats, f"stopped by Ctrl-C at step {len(stats)}/{s['max_steps']}")
+    # Exports come last: each can fail (hub, disk, llama.cpp) without costing what is saved above.
+    failed = export.export_run(model, tokenizer, s["output_dir"], backend, s["model_name"],
+                               merged=s["save_merged"], gguf=s["save_gguf"])
+    print(f"done in {time.time() - t0:.1f} s; run folder: {s['output_dir']}")
+    if failed:
+        raise SystemExit(f"training and evaluation are saved, but {' and '.join(failed)} failed (see above)")
+    return s
+
+
+def check_enough_data(s, n_train, n_held_out, n_prompts):
+    """Refuse, before the model loads, data too small for one GRPO step."""
+    needed = s["batch_size"] * s["gradient_accumulation_steps"] // s["num_generations"]
+    if n_prompts < needed:
+        raise SystemExit(
+            f"too little data to train on: {n_train} training questions ({n_prompts} prompts over the agents) "
+            f"after {n_held_out} held out for the evaluation (--eval-examples {s['eval_examples']}); one GRPO step "
+            f"needs {needed}. Give more rows (--dataset, --max-examples) or lower --eval-examples."
+        )
+
+
+def train(s, plan, backend, model, tokenizer, vllm, dataset, stats):
+    """GRPO from step 0 or from the plan's checkpoint; returns the step reached. A run that reached
+    --max-steps before it stopped ("finish") only takes its checkpoint's weights."""
+    if plan["action"] == "finish":
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(os.path.join(plan["checkpoint"], runs.ADAPTER_FILE)))
+        return plan["step"]
     trainer = make_trainer_class()(
         model=model,
         reward_funcs=get_reward_funcs(list(s["reward_weights"])),
@@ -492,13 +541,52 @@ def main(description, defaults, load_data, argv=None, extra_args=None):
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress)
     try:
-        trainer.train(resume_from_checkpoint=last_checkpoint(s["output_dir"]) if s["resume"] else None)
+        with ctrl_c_stops_after_step(progress):
+            trainer.train(resume_from_checkpoint=plan["checkpoint"])
     except torch.cuda.OutOfMemoryError:
         raise SystemExit(
             "CUDA out of memory. Lower, in this order: --num-generations, --max-completion-length, "
             "--batch-size (raise --gradient-accumulation-steps to compensate), --lora-rank."
         ) from None
+    step = trainer.state.global_step
+    if progress.stop_requested and step < s["max_steps"]:
+        stop_message(s, stats, f"stopped by Ctrl-C at step {step}/{s['max_steps']}, checkpoint-{step} saved")
+    return step
 
+
+@contextlib.contextmanager
+def ctrl_c_stops_after_step(progress):
+    """The first Ctrl-C asks for a stop after the current step, with a checkpoint; a second one
+    raises KeyboardInterrupt as usual. A notebook's interrupt button sends the same signal."""
+
+    def request_stop(signum, frame):
+        progress.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nCtrl-C: stopping after this step, with a checkpoint; Ctrl-C again stops at once", flush=True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, request_stop)
+    except ValueError:  # not the main thread, where only the default handling works
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def stop_message(s, stats, what):
+    """Leave the plot of the steps so far, say how to continue, and exit 130 (as Ctrl-C does)."""
+    if stats:
+        plot_rewards(stats, os.path.join(s["output_dir"], "rewards.png"))
+    checkpoint = runs.last_checkpoint(s["output_dir"])
+    where = f"it continues from {os.path.basename(checkpoint)}" if checkpoint else "with no checkpoint yet it starts again"
+    print(f"{what}; {where} with: {runs.resume_command(s['output_dir'])}", flush=True)
+    raise SystemExit(130)
+
+
+def write_outputs(s, backend, model, tokenizer, stats, eval_rows):
+    """The adapter and tokenizer, rewards.png and the quick evaluation (eval.json)."""
     model.save_pretrained(s["output_dir"])  # the LoRA adapter: adapter_config.json + adapter_model.safetensors
     tokenizer.save_pretrained(s["output_dir"])
     if stats:
@@ -512,13 +600,6 @@ def main(description, defaults, load_data, argv=None, extra_args=None):
         write_json_atomic(os.path.join(s["output_dir"], "eval.json"), result)
         print(f"quick evaluation on {result['n']} held-out questions: accuracy {result['accuracy']:.3f}, "
               f"format compliance {result['format_compliance']:.3f}")
-    # Exports come last: each can fail (hub, disk, llama.cpp) without costing what is saved above.
-    failed = export.export_run(model, tokenizer, s["output_dir"], backend, s["model_name"],
-                               merged=s["save_merged"], gguf=s["save_gguf"])
-    print(f"done in {time.time() - t0:.1f} s; run folder: {s['output_dir']}")
-    if failed:
-        raise SystemExit(f"training and evaluation are saved, but {' and '.join(failed)} failed (see above)")
-    return s
 
 
 def package_versions():

@@ -1,4 +1,6 @@
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -9,6 +11,24 @@ sys.path.insert(0, ROOT)
 SHARED_DATA = os.path.join(ROOT, "..", "shared", "data")
 GSM8K_DIR = os.path.join(SHARED_DATA, "gsm8k")
 QWEN_TOKENIZER_DIR = os.path.join(SHARED_DATA, "qwen-tokenizer")
+# One thread per process: tiny models run fastest so, and several processes can share the cores.
+SCRIPT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def run_script(script, *flags, check=True, env=None):
+    """``python SCRIPT FLAGS`` in the repo, to the end; fails the test on a non-zero exit if ``check``."""
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *flags],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **SCRIPT_ENV, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {flags} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def stats_of(run_dir):
+    with open(os.path.join(run_dir, "training_stats.json")) as f:
+        return json.load(f)
 
 
 @pytest.fixture

@@ -1,17 +1,21 @@
-"""data.py: GSM8K from local files (good and malformed), and the generated problems.
+"""data.py: GSM8K from local files (good, malformed and unreadable), the shipped sample, a hub that
+cannot be reached, and the generated problems.
 
 One behaviour per case; each case's id says why it exists.
 """
 
 import ast
+import gzip
 import json
 import operator
 import os
 import re
+import time
 
 import pytest
 
-from data import load_gsm8k, synthetic_problems
+import hub
+from data import GSM8K_SAMPLE, load_gsm8k, synthetic_problems
 from rewards import normalize_number
 
 NUMBER_RE = re.compile(r"-?\d+(\.\d+)?")
@@ -136,6 +140,74 @@ def test_load_gsm8k_file_errors_name_the_file(tmp_path, name, content, message):
     path.write_text(content, encoding="utf-8")
     with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + message):
         load_gsm8k(str(path))
+
+
+UNREADABLE_FILES = [
+    # (file name, bytes, what the message says after the file name)
+    pytest.param("train.jsonl", gzip.compress(b'{"question": "Q", "answer": "#### 1"}\n' * 20),
+                 r"row 1: not UTF-8 text: is it a binary file\? Save it as UTF-8 JSON lines",
+                 id="a gzipped file named .jsonl"),
+    pytest.param("rows.json", gzip.compress(json.dumps([GOOD_ROW]).encode()),
+                 r"not UTF-8 text \(at byte 1\): is it a binary file\?", id="a gzipped file named .json"),
+    pytest.param("rows.json", b'[{"question": "Q",\n  "answer": }]', r"not valid JSON \(.* at line 2, column 13\)",
+                 id="a .json file that is not JSON"),
+    pytest.param("rows.parquet", b"question,answer\n", r"not a readable parquet file \(.*magic bytes",
+                 id="a .parquet file that is not parquet"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", UNREADABLE_FILES)
+def test_load_gsm8k_unreadable_file_names_the_file(tmp_path, name, content, message):
+    # these were bare UnicodeDecodeError, JSONDecodeError and ArrowInvalid tracebacks, with no file name
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ": " + message):
+        load_gsm8k(str(path))
+
+
+def test_load_gsm8k_non_utf8_line_names_its_row(tmp_path):
+    # two good rows, a blank line, then a row saved as latin-1 ("café"): it is row 3, on line 4
+    good = json.dumps(GOOD_ROW).encode()
+    latin1 = json.dumps({"question": "A café sells 3 cakes. How many?", "answer": "#### 3"},
+                        ensure_ascii=False).encode("latin-1")
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join([good, good, b"", latin1, good]) + b"\n")
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r": row 3: not UTF-8 text"):
+        load_gsm8k(str(path))
+
+
+def test_shipped_sample_loads():
+    # gsm8k_sample/train.jsonl: the first 48 rows of GSM8K's train split, for --smoke without a network
+    assert os.path.isabs(GSM8K_SAMPLE) and os.path.isfile(GSM8K_SAMPLE)
+    ds = load_gsm8k(GSM8K_SAMPLE)
+    assert len(ds) == 48
+    assert all(q and c and normalize_number(a) == a for q, c, a in zip(ds["question"], ds["cot"], ds["answer"]))
+    assert ds[0]["answer"] == "72"  # Natalia's clips: 48 + 24
+    for name in ("LICENSE", "NOTICE.md"):
+        assert os.path.isfile(os.path.join(os.path.dirname(GSM8K_SAMPLE), name))
+
+
+def test_shipped_sample_is_the_start_of_the_train_split(gsm8k_dir):
+    with open(os.path.join(gsm8k_dir, "train.jsonl"), "rb") as f:
+        head = [f.readline() for _ in range(48)]
+    with open(GSM8K_SAMPLE, "rb") as f:
+        assert f.readlines() == head  # byte for byte
+
+
+def test_load_gsm8k_hub_id_offline_fails_fast_naming_the_sample(monkeypatch, tmp_path):
+    # datasets would retry the hub for half a minute, then raise a ConnectionError traceback
+    from huggingface_hub import constants
+    import datasets.config
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # and no hub, should anything ask
+    start = time.perf_counter()
+    with pytest.raises(hub.HubUnavailable, match=r"--dataset 'gsm8k' .* offline mode is set \(HF_HUB_OFFLINE=1\)\. "
+                                                 r"Give a local file instead: --dataset \S*gsm8k_sample/train\.jsonl"):
+        load_gsm8k("gsm8k")
+    assert time.perf_counter() - start < 5
 
 
 MISSING_PATHS = [

@@ -265,3 +265,48 @@ def test_samples_report_pass_at_k(saved):
     assert set(s["pass_at_k"]) == {"1", "2"} and s["ensemble"] is None and s["weighted_vote"] is None
     assert all(len(q["agents"]["a"]) == 2 for q in s["questions"])
     assert s["agents"]["a"]["pass_at_k"]["1"] == s["agents"]["a"]["accuracy"]
+
+
+def test_unreachable_hub_model_exits_before_loading(saved, tmp_path, monkeypatch, capsys):
+    # a hub id with the hub switched off: one line naming the flag and a local option, not a half-minute
+    # of retries and a traceback; nothing is loaded and --out is not created
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # nothing cached
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # and no hub, should anything ask
+    monkeypatch.setattr(evaluate, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(evaluate, "load_gsm8k", lambda *a, **k: pytest.fail("the data was loaded"))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model-name", "someorg/some-model", "--dataset", saved["data"], "--out", str(out)])
+    message = str(e.value.code)
+    assert message.startswith("--model-name 'someorg/some-model' is not a local path")
+    assert "offline mode is set (HF_HUB_OFFLINE=1)" in message
+    assert "local model folder" in message and "--model-name smollm2-135m-gguf" in message
+    assert not out.exists()
+
+
+def test_failed_model_load_leaves_no_out_folder(saved, tmp_path, monkeypatch):
+    # the folder is made once the model has loaded, so a failed load leaves no empty one behind
+    def broken(*args, **kwargs):
+        raise OSError("not a model folder")
+
+    monkeypatch.setattr(evaluate, "load_pretrained", broken)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="not a model folder"):
+        evaluate.main(["--model-name", saved["model"], "--dataset", saved["data"], "--n", "2",
+                       "--calibration-n", "1", "--out", str(out)])
+    assert not out.exists()
+
+
+def test_unreachable_hub_dataset_is_a_clear_exit(tmp_path, monkeypatch):
+    # load_questions turns HubUnavailable into one line, which names --dataset once
+    from huggingface_hub import constants
+    import datasets.config
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match=r"^--dataset 'openai/gsm8k' is not a local path.*gsm8k_sample"):
+        evaluate.load_questions("openai/gsm8k", "test", 2, 0, seed=0)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,24 +12,9 @@ import train_gsm8k
 import train_synthetic
 import training
 from agents import expand_agents
+from data import GSM8K_SAMPLE
 from rewards import STOP_TAG
-from conftest import ROOT
-
-
-def run_script(script, *flags, check=True, env=None):
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *flags],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})},
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {flags} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def stats_of(run_dir):
-    with open(os.path.join(run_dir, training.STATS_FILE)) as f:
-        return json.load(f)
+from conftest import run_script, stats_of
 
 
 def assert_reloadable_run(run_dir, steps):
@@ -71,57 +55,15 @@ def test_synthetic_smoke_end_to_end(tmp_path):
     assert evaluation["n"] == 2 and 0 <= evaluation["accuracy"] <= 1
 
 
-def test_gsm8k_smoke_end_to_end(tmp_path, gsm8k_dir):
-    train_file = os.path.join(gsm8k_dir, "train.jsonl")
+def test_gsm8k_smoke_end_to_end(tmp_path):
+    """--smoke without --dataset reads the GSM8K rows shipped in gsm8k_sample/: no network needed."""
     out = str(tmp_path / "run")
-    proc = run_script("train_gsm8k.py", "--smoke", "--dataset", train_file, "--output-dir", out)
+    proc = run_script("train_gsm8k.py", "--smoke", "--output-dir", out)
+    assert json.load(open(os.path.join(out, "config.json")))["settings"]["dataset"] == GSM8K_SAMPLE
     assert "quick evaluation on 2 held-out questions" in proc.stdout
     assert_reloadable_run(out, steps=4)
     stats = stats_of(out)
     assert all("rewards/correctness_reward/mean" in e for e in stats)  # the GSM8K recipe's rewards
-
-
-def test_resume_continues_steps_and_stats(tmp_path):
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    common = ["--smoke", "--skip-evaluation"]
-    run_script("train_synthetic.py", *common, "--output-dir", straight, "--max-steps", "4")
-    run_script("train_synthetic.py", *common, "--output-dir", resumed, "--max-steps", "2")
-    assert os.path.exists(os.path.join(resumed, "checkpoint-2", "optimizer.pt"))  # optimizer state saved
-    run_script("train_synthetic.py", *common, "--output-dir", resumed, "--resume", "--max-steps", "4")
-    a, b = stats_of(straight), stats_of(resumed)
-    assert [e["step"] for e in b] == [1, 2, 3, 4]
-    # Same weights and random state after the resume: step 3 samples the same completions and
-    # computes the same gradient as the uninterrupted run. (Step 4's learning rate differs: the
-    # cosine schedule of the first part was built for 2 steps.)
-    assert [e["reward"] for e in a] == [e["reward"] for e in b]
-    assert [e["grad_norm"] for e in a[:3]] == pytest.approx([e["grad_norm"] for e in b[:3]], rel=1e-5)
-    state = json.load(open(os.path.join(resumed, "checkpoint-4", "trainer_state.json")))
-    assert state["global_step"] == 4
-
-
-def test_existing_output_dir_is_refused(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "notes.txt").write_text("a previous run")
-    proc = run_script("train_synthetic.py", "--smoke", "--output-dir", str(out), check=False)
-    assert proc.returncode != 0
-    assert "already holds a run" in proc.stderr and "--resume" in proc.stderr
-    assert (out / "notes.txt").read_text() == "a previous run"  # nothing was touched
-
-
-def test_overwrite_moves_the_old_run_aside(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "notes.txt").write_text("a previous run")
-    training.prepare_output_dir({"output_dir": str(out), "resume": False, "overwrite": True})
-    backups = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
-    assert len(backups) == 1 and (backups[0] / "notes.txt").read_text() == "a previous run"
-    assert out.is_dir() and not any(out.iterdir())
-
-
-def test_resume_without_checkpoint_is_refused(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint-N folder"):
-        training.prepare_output_dir({"output_dir": str(tmp_path), "resume": True, "overwrite": False})
 
 
 def parse(argv, defaults=train_gsm8k.DEFAULTS, extra=train_gsm8k.add_args):
@@ -141,6 +83,12 @@ def parse(argv, defaults=train_gsm8k.DEFAULTS, extra=train_gsm8k.add_args):
     (["--smoke", "--resume", "--overwrite"], "contradict"),
     (["--smoke", "--max-stepz", "3"], "unrecognized arguments"),  # a typo is refused, not ignored
     (["--smoke", "--max-steps", "three"], "invalid int value"),
+    # greedy rollouts would make every completion of a group the same: nothing to compare
+    (["--smoke", "--temperature", "0"], "--temperature must be above 0"),
+    (["--smoke", "--temperature", "-0.5"], "--temperature must be above 0"),
+    (["--smoke", "--eval-examples", "-1"], "--eval-examples must be 0 or more"),
+    (["--smoke", "--sample-every", "-2"], "--sample-every must be 0 or more"),
+    (["--smoke", "--batch-size", "four"], "expected a whole number, or ''"),
 ])
 def test_bad_settings_are_refused_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -152,6 +100,36 @@ def test_bad_settings_are_refused_before_loading(argv, message, capsys):
 def test_batch_defaults_to_one_group():
     s = parse(["--smoke", "--num-generations", "6", "--max-steps", "1"])
     assert s["batch_size"] == 6  # None resolves to num_generations: the one unambiguous fix
+    # the help says "'' (empty) = num_generations", and the parser agrees
+    assert parse(["--smoke", "--num-generations", "6", "--batch-size", ""])["batch_size"] == 6
+
+
+def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a run folder")
+    with pytest.raises(SystemExit) as exc:
+        parse(["--smoke", "--output-dir", str(path)])
+    assert exc.value.code == 2 and "is a file" in capsys.readouterr().err
+    assert path.read_text() == "not a run folder"
+
+
+@pytest.mark.parametrize("tracker, package", [("wandb", "wandb"), ("tensorboard", "tensorboard"), ("trackio", "trackio")])
+def test_tracker_that_is_not_installed_is_refused(tracker, package, monkeypatch, capsys):
+    """Refused at start-up, not after the model has loaded, when transformers looks for it."""
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as on a machine without it
+    with pytest.raises(SystemExit):
+        parse(["--smoke", "--report-to", tracker])
+    assert f"pip install {package}" in capsys.readouterr().err
+
+
+def test_smoke_takes_the_shipped_gsm8k_sample():
+    s = training.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke"], train_gsm8k.add_args, train_gsm8k.SMOKE)
+    assert s["dataset"] == GSM8K_SAMPLE and os.path.isfile(GSM8K_SAMPLE)
+    given = training.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--dataset", "x.jsonl"],
+                                    train_gsm8k.add_args, train_gsm8k.SMOKE)
+    assert given["dataset"] == "x.jsonl"  # a flag still wins over --smoke's choice
 
 
 def test_precedence_defaults_then_smoke_then_flags():
@@ -199,14 +177,6 @@ def test_backend_auto_without_cuda(monkeypatch):
     assert models.choose_backend("trl")[0] == "trl"
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         models.choose_backend("unsloth")
-
-
-def test_stats_file_is_written_atomically(tmp_path):
-    path = str(tmp_path / "stats.json")
-    training.write_json_atomic(path, [{"step": 1}])
-    training.write_json_atomic(path, [{"step": 1}, {"step": 2}])
-    assert json.load(open(path)) == [{"step": 1}, {"step": 2}]
-    assert os.listdir(tmp_path) == ["stats.json"]  # no temporary file left behind
 
 
 def test_xml_generation_stops_at_the_stop_tag(tmp_path):

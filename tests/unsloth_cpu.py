@@ -21,7 +21,7 @@ bitsandbytes' 8-bit AdamW (which runs on a CPU). Stand-ins, each because it cann
   - FastLanguageModel.from_pretrained: its 4-bit load needs bitsandbytes' CUDA kernels and asks the
     CUDA device about itself. It gives the tiny offline Qwen2 model, in the dtype Unsloth's loader
     picks for the simulated card (fp16 below capability 8.0, even when bf16 is asked for), and
-    records its arguments.
+    records its arguments. The kit's hub check (models.check_source) lets the stand-in name through.
   - FastLanguageModel.get_peft_model: it only takes a model from the real from_pretrained. PEFT LoRA
     with the arguments the kit passes, then what Unsloth attaches: for_training/for_inference and
     its saving functions (save_pretrained_merged, save_pretrained_gguf).
@@ -107,6 +107,8 @@ def stand_in_unsloth_loading(capability, calls, script=None, base_dir=None):
     from unsloth.save import patch_saving_functions
 
     import models
+
+    models.check_source = lambda name: None  # the stand-in model's name is on no hub
 
     def from_pretrained(model_name, max_seq_length=None, dtype=None, load_in_4bit=False, fast_inference=False,
                         **kwargs):

@@ -1,0 +1,167 @@
+"""The run folder: what a new run finds in --output-dir, and what it may touch there.
+
+    inspect_run(s)        reads the folder and decides, touching nothing:
+                            start      no folder, or an empty one
+                            reuse      a run that stopped before its first checkpoint: nothing to lose
+                            overwrite  --overwrite: the old run is moved aside, but only by prepare_run
+                            resume     --resume: from the newest complete checkpoint
+                            finish     --resume after training reached --max-steps but the outputs
+                                       (adapter, plot, evaluation) were not all written
+                            finished   --resume on a finished run: nothing to do, nothing changed
+    prepare_run(s, plan)  just before the new run writes its first file: move the old run aside,
+                          remove incomplete checkpoints, create the folder
+    checkpoints(out)      the checkpoint-N folders the trainer can load, and those it cannot
+
+transformers writes checkpoint-N/ in place: the weights, optimizer.pt, scheduler.pt, rng_state.pth
+and, last, trainer_state.json. A kill mid-write leaves a folder that looks like a checkpoint but
+cannot be loaded, so a checkpoint counts only when every file the trainer loads is there and
+trainer_state.json parses.
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+
+CONFIG_FILE = "config.json"
+STATS_FILE = "training_stats.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+WEIGHT_FILES = (ADAPTER_FILE, "model.safetensors")  # a LoRA adapter, or full weights
+RESUME_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")  # trainer_state.json is written last
+
+
+def checkpoint_problem(path):
+    """None when the trainer can resume from ``path``; else what is missing, for the user."""
+    missing = [] if any(os.path.isfile(os.path.join(path, f)) for f in WEIGHT_FILES) else [ADAPTER_FILE]
+    missing += [f for f in RESUME_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        return "no " + ", ".join(missing)
+    try:
+        with open(os.path.join(path, "trainer_state.json")) as f:
+            json.load(f)["global_step"]
+    except (ValueError, KeyError):
+        return "trainer_state.json is cut short"
+    return None
+
+
+def checkpoints(out):
+    """(complete, incomplete): [(step, path)] oldest first, and [(path, what is missing)]."""
+    found = sorted((int(d.split("-")[1]), os.path.join(out, d)) for d in os.listdir(out)
+                   if d.startswith("checkpoint-") and d.split("-")[1].isdigit())
+    complete = [(step, path) for step, path in found if checkpoint_problem(path) is None]
+    incomplete = [(path, checkpoint_problem(path)) for step, path in found if checkpoint_problem(path)]
+    return complete, incomplete
+
+
+def last_checkpoint(out):
+    """The newest checkpoint the trainer can load, or None."""
+    complete, _ = checkpoints(out)
+    return complete[-1][1] if complete else None
+
+
+def read_config(out):
+    try:
+        with open(os.path.join(out, CONFIG_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def resume_command(out):
+    """The command that continues the run in ``out``: its saved config.json holds the rest."""
+    script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "train_gsm8k.py"
+    return f"python {script} --resume --output-dir {out}"
+
+
+def inspect_run(s):
+    """What to do with s["output_dir"] (see the module docstring); refuses what cannot work."""
+    out, max_steps = s["output_dir"], s["max_steps"]
+    entries = os.listdir(out) if os.path.isdir(out) else []
+    complete, incomplete = checkpoints(out) if entries else ([], [])
+    # A kit run that has neither a loadable checkpoint nor an adapter holds no training worth keeping.
+    restartable = CONFIG_FILE in entries and not complete and ADAPTER_FILE not in entries
+    plan = {"action": "start", "checkpoint": None, "step": 0, "incomplete": incomplete}
+    if s["resume"]:
+        if not entries:
+            raise SystemExit(f"--resume: {out!r} {'is empty' if os.path.isdir(out) else 'does not exist'}, "
+                             "so there is no run to continue; start one without --resume")
+        if restartable:
+            return {**plan, "action": "reuse"}
+        if not complete:
+            skipped = "".join(f"; {os.path.basename(p)} is incomplete ({why})" for p, why in incomplete)
+            raise SystemExit(f"--resume: no complete checkpoint-N folder in {out!r} to continue from{skipped}. "
+                             "Start afresh with --overwrite (the old folder is kept aside).")
+        step, path = complete[-1]
+        plan.update(checkpoint=path, step=step, incomplete=[(p, why) for p, why in incomplete])
+        if step < max_steps:
+            return {**plan, "action": "resume"}
+        finished = read_config(out).get("finished_step") == step
+        return {**plan, "action": "finished" if finished else "finish"}
+    if not entries:
+        return plan
+    if s["overwrite"]:
+        return {**plan, "action": "overwrite"}
+    if restartable:
+        return {**plan, "action": "reuse"}
+    raise SystemExit(f"{out!r} already holds a run. Continue it with --resume, move it aside with "
+                     "--overwrite, or choose another --output-dir.")
+
+
+def describe(s, plan):
+    """The line main() prints for a plan, or None."""
+    out, step = s["output_dir"], plan["step"]
+    if plan["action"] == "reuse":
+        return f"{out} holds a run that stopped before its first checkpoint: starting it again from step 0"
+    if plan["action"] == "resume":
+        return f"resuming from {os.path.basename(plan['checkpoint'])} (step {step}/{s['max_steps']})"
+    if plan["action"] == "finish":
+        return (f"training reached step {step} before the run stopped; writing its outputs from "
+                f"{os.path.basename(plan['checkpoint'])}")
+    if plan["action"] == "finished":
+        return (f"{out} is finished: trained to step {step} (--max-steps {s['max_steps']}); nothing changed.\n"
+                f"  To train further, give a larger --max-steps: {resume_command(out)} --max-steps {2 * step}\n"
+                f"  To export it: python export.py {out} --merged")
+    return None
+
+
+def prepare_run(s, plan):
+    """Make the folder ready for writing: only now is an old run moved aside (--overwrite), and
+    checkpoints that cannot be loaded removed, each one named."""
+    out = s["output_dir"]
+    if plan["action"] == "overwrite":
+        backup = f"{out.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        os.rename(out, backup)
+        print(f"--overwrite: moved the previous run to {backup}")
+    else:
+        for path, why in plan["incomplete"]:
+            shutil.rmtree(path)
+            print(f"skipped {os.path.basename(path)}: incomplete ({why}), removed")
+    os.makedirs(out, exist_ok=True)
+
+
+def write_json_atomic(path, obj):
+    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_stats(out, up_to_step):
+    """The per-step stats of the run in ``out``, up to the checkpoint it resumes from."""
+    try:
+        with open(os.path.join(out, STATS_FILE)) as f:
+            stats = json.load(f)
+    except (OSError, ValueError):
+        return []
+    return [e for e in stats if e["step"] <= up_to_step]
+
+
+def mark_finished(out, step):
+    """Record in config.json that the run's outputs for ``step`` are all written."""
+    config = read_config(out)
+    config["finished_step"] = step
+    write_json_atomic(os.path.join(out, CONFIG_FILE), config)
