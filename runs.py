@@ -29,6 +29,8 @@ STATS_FILE = "training_stats.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHT_FILES = (ADAPTER_FILE, "model.safetensors")  # a LoRA adapter, or full weights
 RESUME_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")  # trainer_state.json is written last
+# What a run writes before its first checkpoint: a folder holding only these has no training to lose.
+EARLY_FILES = {CONFIG_FILE, STATS_FILE, "base-model", CONFIG_FILE + ".tmp", STATS_FILE + ".tmp"}
 
 
 def checkpoint_problem(path):
@@ -79,8 +81,9 @@ def inspect_run(s):
     out, max_steps = s["output_dir"], s["max_steps"]
     entries = os.listdir(out) if os.path.isdir(out) else []
     complete, incomplete = checkpoints(out) if entries else ([], [])
-    # A kit run that has neither a loadable checkpoint nor an adapter holds no training worth keeping.
-    restartable = CONFIG_FILE in entries and not complete and ADAPTER_FILE not in entries
+    # A run that stopped before its first checkpoint holds no training worth keeping.
+    unloadable = {os.path.basename(path) for path, _ in incomplete}
+    restartable = bool(entries) and set(entries) <= EARLY_FILES | unloadable
     plan = {"action": "start", "checkpoint": None, "step": 0, "incomplete": incomplete}
     if s["resume"]:
         if not entries:

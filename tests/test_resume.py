@@ -205,6 +205,18 @@ def test_a_run_with_a_checkpoint_is_not_reused(tmp_path):
     assert runs.inspect_run(settings(tmp_path, resume=True))["action"] == "resume"
 
 
+@pytest.mark.parametrize("files", [
+    ["config.json", "adapter_model.safetensors"],  # a trained adapter whose checkpoints were deleted
+    ["config.json", "model.safetensors", "tokenizer.json"],  # a model folder, whose config.json is not a run's
+    ["config.json", "notes.txt"],  # the user's own file
+])
+def test_a_folder_with_more_than_an_early_stop_is_not_reused(files, tmp_path):
+    for name in files:
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(SystemExit, match="already holds a run"):
+        runs.inspect_run(settings(tmp_path))
+
+
 def test_resume_without_any_checkpoint_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):
         runs.inspect_run(settings(tmp_path / "missing", resume=True))
