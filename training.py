@@ -450,6 +450,15 @@ def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens):
 def main(description, defaults, load_data, argv=None, extra_args=None, smoke=None):
     """Parse settings, check the run folder, data and model name, load the model, train with GRPO,
     save, evaluate, export. ``smoke``: the script's own overrides for --smoke."""
+    try:
+        return run_recipe(description, defaults, load_data, argv, extra_args, smoke)
+    except KeyboardInterrupt:  # once training has begun, run_recipe says how to continue
+        print("stopped by Ctrl-C before training began", flush=True)
+        raise SystemExit(130) from None
+
+
+def run_recipe(description, defaults, load_data, argv, extra_args, smoke):
+    """main()'s steps. Everything that can be checked is checked before the run folder is touched."""
     from datasets import Dataset
 
     s = parse_settings(description, defaults, argv, extra_args, smoke)

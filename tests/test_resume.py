@@ -243,3 +243,16 @@ def test_stats_file_is_written_atomically(tmp_path):
     runs.write_json_atomic(path, [{"step": 1}, {"step": 2}])
     assert json.load(open(path)) == [{"step": 1}, {"step": 2}]
     assert os.listdir(tmp_path) == ["stats.json"]  # no temporary file left behind
+
+
+def test_ctrl_c_before_training_began_exits_without_a_traceback(tmp_path, capsys):
+    import train_synthetic
+    import training
+
+    def load_data(s):
+        raise KeyboardInterrupt  # Ctrl-C while the data loads
+
+    with pytest.raises(SystemExit) as exc:
+        training.main("test", train_synthetic.DEFAULTS, load_data, ["--smoke", "--output-dir", str(tmp_path / "run")],
+                      train_synthetic.add_args)
+    assert exc.value.code == 130 and "stopped by Ctrl-C before training began" in capsys.readouterr().out
