@@ -51,9 +51,9 @@ def checkpoints(out):
     """(complete, incomplete): [(step, path)] oldest first, and [(path, what is missing)]."""
     found = sorted((int(d.split("-")[1]), os.path.join(out, d)) for d in os.listdir(out)
                    if d.startswith("checkpoint-") and d.split("-")[1].isdigit())
-    complete = [(step, path) for step, path in found if checkpoint_problem(path) is None]
-    incomplete = [(path, checkpoint_problem(path)) for step, path in found if checkpoint_problem(path)]
-    return complete, incomplete
+    problems = [(step, path, checkpoint_problem(path)) for step, path in found]  # each folder read once
+    return ([(step, path) for step, path, problem in problems if problem is None],
+            [(path, problem) for _, path, problem in problems if problem])
 
 
 def last_checkpoint(out):
@@ -96,7 +96,7 @@ def inspect_run(s):
             raise SystemExit(f"--resume: no complete checkpoint-N folder in {out!r} to continue from{skipped}. "
                              "Start afresh with --overwrite (the old folder is kept aside).")
         step, path = complete[-1]
-        plan.update(checkpoint=path, step=step, incomplete=[(p, why) for p, why in incomplete])
+        plan.update(checkpoint=path, step=step)
         if step < max_steps:
             return {**plan, "action": "resume"}
         finished = read_config(out).get("finished_step") == step

@@ -482,8 +482,9 @@ def run_recipe(description, defaults, load_data, argv, extra_args, smoke):
     check_enough_data(s, len(train_rows), len(eval_rows), len(dataset))
 
     runs.prepare_run(s, plan)  # only now is an old run moved aside (--overwrite)
-    if runs.describe(s, plan):
-        print(runs.describe(s, plan))
+    what = runs.describe(s, plan)
+    if what:
+        print(what)
     model, tokenizer, vllm = load_model(s, backend)
     if backend == "unsloth":
         print("generation: " + ("vLLM" if vllm else "Unsloth's own generate (no vLLM)"))
