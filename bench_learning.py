@@ -16,8 +16,8 @@ import statistics
 import sys
 import time
 
+import runs
 import train_synthetic
-import training
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--max-steps", type=int, default=40, help="GRPO steps")
@@ -35,9 +35,8 @@ flags = [
 ]
 print("python train_synthetic.py " + " ".join(flags))
 t0 = time.time()
-training.main(train_synthetic.__doc__, train_synthetic.DEFAULTS, train_synthetic.load_data,
-              argv=flags, extra_args=train_synthetic.add_args)
-stats = json.load(open(os.path.join(args.output_dir, training.STATS_FILE)))
+train_synthetic.main(flags)
+stats = json.load(open(os.path.join(args.output_dir, runs.STATS_FILE)))
 evaluation = json.load(open(os.path.join(args.output_dir, "eval.json")))
 w = args.window
 

@@ -27,10 +27,13 @@ Every answer is graded with rewards.is_correct, the function the training reward
     python evaluate.py --model-name Qwen/Qwen2.5-1.5B-Instruct --samples 4 --temperature 0.7
 
 Writes eval.json (every figure and a record per question), eval.md (tables) and eval.png (a bar
-chart) to --out. Timings are wall-clock seconds per question: each agent's own generation (batched
-across questions); the votes reuse every agent's generation, so their time is the sum; the
-ensemble decodes one question at a time. Generation is plain transformers (model.generate); there
-is no vLLM path here.
+chart) to --out; report.py builds and writes them. Timings are wall-clock seconds per question:
+each agent's own generation (batched across questions); the votes reuse every agent's generation,
+so their time is the sum; the ensemble decodes one question at a time. Generation is plain
+transformers (model.generate); there is no vLLM path here.
+
+quick_eval is the training scripts' smaller check of a run: the first agent's greedy answers on
+held-out rows, graded the same way, with no votes and no ensemble.
 """
 
 import argparse
@@ -48,6 +51,7 @@ from agents import build_prompt, consistency, get_agents, majority_vote
 from data import GSM8K_HUB_ID, load_gsm8k
 from hub import HubUnavailable
 from models import check_source, load_adapter, load_pretrained
+from report import compare, write_reports
 from rewards import SOLUTION_END, SOLUTION_START, STOP_TAG, extract_answer, is_correct
 
 # Generation stops once the answer is closed: nothing after it is graded.
@@ -285,117 +289,17 @@ def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max
     return summary
 
 
-# ---------------------------------------------------------------------------- reports
-
-def table_rows(s):
-    """(method, accuracy, strict accuracy, format rate, mean tokens, seconds per question)."""
-    rows = [(f"agent {name}", a["accuracy"], a["strict_accuracy"], a["format_rate"], a["mean_tokens"],
-             a["seconds_per_question"]) for name, a in s["agents"].items()]
-    for key, label in (("majority_vote", "majority vote"), ("weighted_vote", "weighted vote")):
-        if s[key]:
-            rows.append((label, s[key]["accuracy"], None, None, None, s[key]["seconds_per_question"]))
-    if s["ensemble"]:
-        e = s["ensemble"]
-        rows.append(("hidden-state ensemble", e["accuracy"], e["strict_accuracy"], e["format_rate"],
-                     e["mean_tokens"], e["seconds_per_question"]))
-    return rows
-
-
-def compare(base, trained):
-    """{method: {base, trained, delta}} for the accuracies, consistency and pass@k."""
-    pairs = {row[0]: (row[1], t[1]) for row, t in zip(table_rows(base), table_rows(trained))}
-    pairs["consistency"] = (base["consistency"], trained["consistency"])
-    for j, v in (base["pass_at_k"] or {}).items():
-        pairs[f"pass@{j}"] = (v, trained["pass_at_k"][j])
-    return {m: {"base": b, "trained": t, "delta": t - b} for m, (b, t) in pairs.items()}
-
-
-def _pct(x):
-    return "-" if x is None else f"{100 * x:.1f}%"
-
-
-def markdown(result):
-    """eval.md: the comparison (with --compare-base), then one table per run."""
-    c, runs = result["config"], result["runs"]
-    lines = [f"# Evaluation of {c['model_name']}" + (f" + {c['adapter']}" if c["adapter"] else ""), "",
-             f"{c['n']} questions from {c['dataset']} [{c['split']}] (seed {c['seed']}), {len(c['agents'])} agents, "
-             f"{c['prompt_style']} prompts, {c['samples']} sample(s) per agent, max {c['max_new_tokens']} new tokens, "
-             f"calibration slice of {c['calibration_n']} other questions.", ""]
-    if result["comparison"]:
-        lines += ["## Original vs trained (lenient accuracy)", "", "| method | base | trained | difference |",
-                  "|---|---|---|---|"]
-        for m, v in result["comparison"].items():
-            if m == "consistency":
-                lines.append(f"| {m} | {v['base']:.3f} | {v['trained']:.3f} | {v['delta']:+.3f} |")
-            else:
-                lines.append(f"| {m} | {_pct(v['base'])} | {_pct(v['trained'])} | {100 * v['delta']:+.1f} pts |")
-        lines.append("")
-    for label, s in runs.items():
-        lines += [f"## {label}", "", "| method | accuracy | strict | format | mean tokens | s / question |",
-                  "|---|---|---|---|---|---|"]
-        for m, acc, strict, fmt, tokens, secs in table_rows(s):
-            lines.append(f"| {m} | {_pct(acc)} | {_pct(strict)} | {_pct(fmt)} | "
-                         f"{'-' if tokens is None else f'{tokens:.0f}'} | {secs:.2f} |")
-        lines += ["", f"Consistency (mean pairwise agreement of the agents' answers): {s['consistency']:.3f}."]
-        if s["pass_at_k"]:
-            lines.append("pass@k, mean over agents: " + ", ".join(f"pass@{j} {_pct(v)}" for j, v in s["pass_at_k"].items()))
-        if s["weighted_vote"]:
-            lines.append("Vote weights (calibration accuracy): " + ", ".join(
-                f"{a} {_pct(w)}" for a, w in s["weighted_vote"]["weights"].items())
-                + (" (all 0, so the weighted vote counted votes equally)."
-                   if s["weighted_vote"]["equal_weights_fallback"] else "."))
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _write_atomic(path, write):
-    """Write through a temp file in the same folder, then os.replace: never half a file."""
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path, content):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(content)
-
-
-def plot(result, path):
-    """eval.png: lenient accuracy per method, one bar per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = result["runs"]
-    methods = [row[0] for row in table_rows(next(iter(runs.values())))]
-    width = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(methods)), 4))
-    for i, (label, s) in enumerate(runs.items()):
-        accs = [100 * row[1] for row in table_rows(s)]
-        ax.bar([x + (i - (len(runs) - 1) / 2) * width for x in range(len(methods))], accs, width, label=label)
-    ax.set_xticks(range(len(methods)), methods, rotation=30, ha="right")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{result['config']['model_name']}: {result['config']['n']} questions")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=120)
-    plt.close(fig)
-
-
-def write_reports(out, result):
-    """eval.json, eval.md and eval.png in ``out``, each written atomically; returns the Markdown."""
-    os.makedirs(out, exist_ok=True)
-    text = markdown(result)
-    for name, content in (("eval.json", json.dumps(result, indent=1)), ("eval.md", text)):
-        _write_atomic(os.path.join(out, name), lambda tmp: _write_text(tmp, content))
-    _write_atomic(os.path.join(out, "eval.png"), lambda tmp: plot(result, tmp))
-    return text
+def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens):
+    """Greedy answers of the first agent on held-out rows, generated and graded as evaluate() does
+    (rewards.extract_answer and is_correct): accuracy and format compliance."""
+    instruction = next(iter(get_agents(agents).values()))
+    prompts = [render(tokenizer, instruction, r["question"], style) for r in rows]
+    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=8, stop=STOPS[style])
+    records = [{"question": r["question"], "gold": r["answer"], **grade(text, r["answer"], style, tokens)}
+               for r, [(text, tokens)] in zip(rows, answers)]
+    n = len(records)
+    return {"n": n, "agent": instruction, "accuracy": sum(r["correct"] for r in records) / n,
+            "format_compliance": sum(r["strict_answer"] is not None for r in records) / n, "records": records}
 
 
 def main(argv=None):

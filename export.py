@@ -20,7 +20,6 @@ import glob
 import json
 import os
 import shutil
-import sys
 
 MERGED_DIR = "merged"
 GGUF_DIR = "gguf"
@@ -175,8 +174,8 @@ def main(argv=None):
     backend, reason = ("trl", "--smoke run") if model_name == "tiny" else models.choose_backend(requested)
     check_exports(model_name, args.merged, args.gguf, backend, reason)
     model, tokenizer = load_run(args.run_dir, backend, model_name)
-    failed = export_run(model, tokenizer, args.run_dir, backend, model_name, args.merged, args.gguf)
-    sys.exit(1 if failed else 0)
+    if export_run(model, tokenizer, args.run_dir, backend, model_name, args.merged, args.gguf):
+        raise SystemExit(1)  # each failure is named above, with the command that tries it again
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
-"""Model loading on two backends, plus the offline models the tests and benchmarks use.
+"""The hardware, and model loading on two backends, plus the offline models the tests and benchmarks use.
 
     unsloth  FastLanguageModel in 4-bit with Unsloth's LoRA kernels and, when vLLM is installed,
              vLLM generation (fast_inference=True). The default on a CUDA machine.
     trl      plain transformers + PEFT LoRA: bitsandbytes NF4 on CUDA, full precision on CPU.
 
-choose_backend() must run before trl is imported: Unsloth patches trl and transformers on import.
+pick_backend(s) chooses one, and must run before trl is imported: Unsloth patches trl and
+transformers on import. load_model(s, backend) is what the training scripts call: the model with its
+LoRA adapter, its tokenizer, and whether vLLM generates the rollouts.
 
 Offline models (nothing is downloaded):
     tiny_model_and_tokenizer()   a Qwen2-shaped model from a config, with a byte-level BPE
@@ -111,6 +113,17 @@ def unsloth_patched_trl():
     return trl.GRPOTrainer.__name__ == "UnslothGRPOTrainer" and "vllm_sampling_params" in getattr(
         trl.GRPOConfig, "__dataclass_fields__", {})
 
+
+
+def pick_backend(s):
+    """(backend, reason). Imports unsloth when it is used, before anything imports trl."""
+    if s["model_name"] == "tiny":
+        return "trl", "--smoke: tiny offline model on CPU"
+    backend, reason = choose_backend(s["backend"])
+    if backend == "unsloth" and not unsloth_patched_trl():
+        print("Unsloth did not patch trl's GRPOTrainer (its warning above says why): this run trains with "
+              "trl's own GRPOTrainer on the Unsloth model, without Unsloth's GRPO code and without vLLM.")
+    return backend, reason
 
 # ---------------------------------------------------------------------------- offline models
 
@@ -273,6 +286,39 @@ def load_unsloth(name, max_seq_length, lora_rank, seed=0, gpu_memory_utilization
     )
     model, tokenizer = fix_special_tokens(model, tokenizer)
     return model, tokenizer, vllm
+
+
+def load_model(s, backend):
+    """(model with LoRA, tokenizer, vllm): vllm is True when the rollouts are generated with vLLM."""
+    if s["model_name"] == "tiny":
+        model, tokenizer = tiny_model_and_tokenizer(seed=s["seed"])
+        # The random base lives only in this process: save it, so that the adapter can be reloaded.
+        # The same seed makes the same model, so a resumed run writes the same files again.
+        base_dir = os.path.abspath(os.path.join(s["output_dir"], "base-model"))
+        model.save_pretrained(base_dir)
+        tokenizer.save_pretrained(base_dir)
+        model.config._name_or_path = base_dir
+        return add_lora(model, s["lora_rank"], s["seed"]), tokenizer, False
+    if backend == "unsloth":
+        model, tokenizer, vllm = load_unsloth(
+            s["model_name"], max_seq_length=s["max_seq_length"], lora_rank=s["lora_rank"], seed=s["seed"],
+            fast_inference=vllm_available() and unsloth_patched_trl(),
+        )
+        print("generation: " + ("vLLM" if vllm else "Unsloth's own generate (no vLLM)"))
+        return model, tokenizer, vllm
+    gpu = gpu_capability() is not None
+    model, tokenizer = load_pretrained(s["model_name"], quantize=gpu)
+    model = add_lora(model, s["lora_rank"], s["seed"], gradient_checkpointing=gpu)
+    return model, tokenizer, False
+
+
+def for_inference(model, backend):
+    """The trained model, switched to generation: Unsloth's fast inference mode on that backend."""
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    return model
 
 
 def load_adapter(model, adapter_dir):

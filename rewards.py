@@ -2,9 +2,9 @@
 
 Three separate steps, so that training and evaluation grade alike:
 
-    extract_answer(text) -> "42" or None      find the final answer, normalized
-    is_correct(pred, gold) -> bool             compare two answers numerically
-    correctness_reward(completions, answer)    score a batch for TRL's GRPOTrainer
+    extract_answer(text) -> "42" or None      find the final answer, normalized (answers.py)
+    is_correct(pred, gold) -> bool             compare two answers numerically (answers.py)
+    correctness_reward(completions, answer)    score a batch for TRL's GRPOTrainer (here)
 
 Every reward is a pure named function ``f(completions, **kwargs) -> list[float | None]``
 that ``trl.GRPOTrainer(reward_funcs=[...])`` accepts as it is:
@@ -23,144 +23,21 @@ signature above and a one-line docstring giving its range, then add it to ``REWA
 """
 
 import difflib
-import math
 import re
-import unicodedata
-from decimal import Decimal
 
 import numpy as np
 
-# The structured answer format the chat prompts ask for (see agents.SYSTEM_PROMPT).
-REASONING_START = "<start_working_out>"
-REASONING_END = "<end_working_out>"
-SOLUTION_START = "<SOLUTION>"
-SOLUTION_END = "</SOLUTION>"
-STOP_TAG = "</response>"  # what the XML-tag prompt form ends its answer with
+from answers import (  # noqa: F401  (re-exported: the rewards' inputs, graded the same everywhere)
+    NUMBER_RE, REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_RE, SOLUTION_START, STOP_TAG,
+    completion_text, extract_answer, is_correct, normalize_number, relative_error,
+)
 
-# A number's digits: thousands commas, decimals, a percent sign. _numbers() adds the sign and
-# currency in front by hand, which is several times faster than one regex that tries both.
-_DIGITS_RE = re.compile(r"\d(?:[\d,]*\d)?(?:\.\d+)?%?")
-_PREFIX_CHARS = "$-+\u2212"
-# Where a final answer is announced, strongest first: (pattern, which number of the span to take).
-# "#### 18 cups" and "the answer is 18 dollars" give the first number after them; a <SOLUTION>
-# or \\boxed{} span may hold a calculation ("5 + 3 = 8"), so its last number is the answer.
-# Text that ends in </response> needs no pattern: it is cut at the tag, and then the last number
-# is the answer, as in the fallback.
-_FINAL_ANSWER_PATTERNS = [
-    # (a substring the form needs, cheap to test first; the pattern; which number to take)
-    ("####", re.compile(r"####\s*([^\n]*)"), 0),
-    (SOLUTION_START, re.compile(re.escape(SOLUTION_START) + r"(.*?)" + re.escape(SOLUTION_END), re.DOTALL), -1),
-    ("boxed", re.compile(r"\\boxed\s*\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}"), -1),
-    ("nswer", re.compile(r"answer\s+is\s*:?\s*([^\n]*)", re.IGNORECASE), 0),
-    ("A:", re.compile(r"^\s*A:\s*([^\n]*)", re.MULTILINE), 0),  # "Job A: 5" is no answer
-]
 _FORMAT_RE = re.compile(
     r"^\s*" + re.escape(REASONING_START) + r".+?" + re.escape(REASONING_END)
     + r"\s*" + re.escape(SOLUTION_START) + r".+?" + re.escape(SOLUTION_END)
     + r"\s*(?:" + re.escape(STOP_TAG) + r")?\s*$",
     re.DOTALL,
 )
-_SOLUTION_RE = _FINAL_ANSWER_PATTERNS[1][1]
-
-
-# ---------------------------------------------------------------------------- extraction
-
-def completion_text(completion):
-    """The text of one completion: a string, or the content of the last chat message."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, (list, tuple)) and completion:
-        return completion_text(completion[-1])
-    return ""
-
-
-def _numbers(text):
-    """Every number in ``text`` with its sign and currency: '-$1,000.50 or 7%' -> ['-$1,000.50', '7%']."""
-    found = []
-    for m in _DIGITS_RE.finditer(text):
-        i = m.start()
-        if i and text[i - 1] == "." and not text[i - 2 : i - 1].isdigit():
-            i -= 1  # ".5"
-        j = i
-        while j and i - j < 2 and text[j - 1] in _PREFIX_CHARS:
-            j -= 1
-        if j < i and text[j - 1 : j].isalnum():
-            j = i  # "5-3" is a subtraction, not a negative 3
-        found.append(text[j : m.end()])
-    return found
-
-
-def normalize_number(text):
-    """'$1,000.00' -> '1000', '-3.50' -> '-3.5', '+7%' -> '7'; None if ``text`` holds no number."""
-    if text is None:
-        return None
-    numbers = _numbers(str(text))
-    if not numbers:
-        return None
-    s = numbers[0]
-    if not s.isascii():  # digits of other scripts (Arabic-Indic, full-width) become 0-9
-        s = "".join(str(unicodedata.decimal(c)) if c.isdecimal() else c for c in s)
-    negative = "-" in s or "\u2212" in s
-    whole, _, frac = re.sub(r"[^\d.]", "", s).partition(".")
-    digits = (whole.lstrip("0") or "0") + ("." + frac.rstrip("0") if frac.rstrip("0") else "")
-    return "-" + digits if negative and digits != "0" else digits
-
-
-def extract_answer(text):
-    """The final answer in ``text`` as a normalized number string, or None if it holds no number.
-
-    Looks, in order, for ``#### N``, ``<SOLUTION>N</SOLUTION>``, ``\\boxed{N}``, "The answer is N",
-    "A: N" at the start of a line; the last occurrence of a form wins. Otherwise it falls back to
-    the last number. Text after a ``</response>`` stop tag is ignored, so "... 14 </response>" gives 14.
-    """
-    text = completion_text(text).split(STOP_TAG, 1)[0]  # nothing after the stop tag counts
-    for needle, pattern, which in _FINAL_ANSWER_PATTERNS:
-        if needle not in text and (needle != "nswer" or "NSWER" not in text):
-            continue
-        for span in reversed(pattern.findall(text)):
-            numbers = _numbers(span)
-            if numbers:
-                return normalize_number(numbers[which])
-    numbers = _numbers(text)
-    return normalize_number(numbers[-1]) if numbers else None
-
-
-def _to_number(s):
-    """int for integer strings (exact even when huge), else float; None if unparseable."""
-    if s is None:
-        return None
-    try:
-        return int(s)
-    except ValueError:
-        try:
-            return float(s)
-        except ValueError:
-            return None
-
-
-def is_correct(pred, gold, rel_tol=1e-6):
-    """Numeric equality with a small relative tolerance: '1,000' equals '1000.00'; integers exactly."""
-    p, g = normalize_number(pred), normalize_number(gold)
-    if p is None or g is None:
-        return False
-    if "." not in p and "." not in g:
-        return p == g  # normalized integer strings are canonical, so this is exact at any size
-    # Decimal, not float: a float overflows past 1e308, where isclose() raised or called inf == inf.
-    p, g = Decimal(p), Decimal(g)
-    return abs(p - g) <= max(Decimal(rel_tol) * max(abs(p), abs(g)), Decimal("1e-9"))
-
-
-def _relative_error(pred, gold):
-    """|pred - gold| / max(|gold|, 1), so a gold of 0 is graded on the absolute error."""
-    p, g = _to_number(normalize_number(pred)), _to_number(normalize_number(gold))
-    if p is None or g is None:
-        return math.inf
-    try:
-        return abs(float(p) - float(g)) / max(abs(float(g)), 1.0)
-    except OverflowError:
-        return 0.0 if p == g else math.inf
 
 
 def _golds(answer, n):
@@ -193,14 +70,14 @@ def _similarity(text, gold):
 
 def _partial_credit(text, gold):
     pred = extract_answer(text)
-    return 1.0 if is_correct(pred, gold) else max(0.0, 1.0 - _relative_error(pred, gold))
+    return 1.0 if is_correct(pred, gold) else max(0.0, 1.0 - relative_error(pred, gold))
 
 
 def _graded(text, gold):
     pred = extract_answer(text)
     if is_correct(pred, gold):
         return 3.0
-    err = _relative_error(pred, gold)
+    err = relative_error(pred, gold)
     return 1.5 if err <= 0.10 else 0.5 if err <= 0.20 else -0.5
 
 
@@ -242,8 +119,8 @@ def number_extraction_reward(completions, **kwargs):
     """1.5 when the <SOLUTION> section holds a parseable number, else 0. Range {0, 1.5}."""
     out = []
     for c in completions:
-        spans = _SOLUTION_RE.findall(completion_text(c))
-        out.append(1.5 if spans and _DIGITS_RE.search(spans[-1]) else 0.0)
+        spans = SOLUTION_RE.findall(completion_text(c))
+        out.append(1.5 if spans and NUMBER_RE.search(spans[-1]) else 0.0)
     return out
 
 
@@ -283,7 +160,7 @@ def hybrid_reward(completions, answer=None, **kwargs):
         score += w["math"] * bool(_MATH_RE.search(text))
         score += min(w["steps"], 0.05 * len(set(_STEP_WORDS) & set(words)))
         score += w["format"] * bool(_FORMAT_RE.match(text))
-        score += w["numbers"] * bool(_DIGITS_RE.search(text))
+        score += w["numbers"] * bool(NUMBER_RE.search(text))
         score += w["calculation"] * bool(_CALC_RE.search(text))
         out.append(score)
     return out

@@ -9,7 +9,10 @@
                                        (adapter, plot, evaluation) were not all written
                             finished   --resume on a finished run: nothing to do, nothing changed
     prepare_run(s, plan)  just before the new run writes its first file: move the old run aside,
-                          remove incomplete checkpoints, create the folder
+                          remove incomplete checkpoints, create the folder, say what it does
+    write_config(...)     config.json: the settings --resume reads back, the backend, the versions
+    load_stats(out, step) training_stats.json up to the step a resumed run continues from
+    mark_finished(out, N) config.json records that every output of step N is written
     checkpoints(out)      the checkpoint-N folders the trainer can load, and those it cannot
 
 transformers writes checkpoint-N/ in place: the weights, optimizer.pt, scheduler.pt, rng_state.pth
@@ -24,7 +27,10 @@ import shutil
 import sys
 import time
 
-CONFIG_FILE = "config.json"
+import models
+from agents import get_agents
+from settings import CONFIG_FILE, in_notebook
+
 STATS_FILE = "training_stats.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHT_FILES = (ADAPTER_FILE, "model.safetensors")  # a LoRA adapter, or full weights
@@ -70,10 +76,13 @@ def read_config(out):
         return {}
 
 
-def resume_command(out):
-    """The command that continues the run in ``out``: its saved config.json holds the rest."""
+def resume_command(out, *flags):
+    """The command that continues the run in ``out``: its saved config.json holds the rest. In a
+    notebook, the call of the script's main() to put in a cell."""
+    if in_notebook():
+        return f"main({json.dumps(['--resume', '--output-dir', out, *flags])})"
     script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "train_gsm8k.py"
-    return f"python {script} --resume --output-dir {out}"
+    return " ".join(["python", script, "--resume", "--output-dir", out, *flags])
 
 
 def inspect_run(s):
@@ -123,7 +132,7 @@ def describe(s, plan):
                 f"{os.path.basename(plan['checkpoint'])}")
     if plan["action"] == "finished":
         return (f"{out} is finished: trained to step {step} (--max-steps {s['max_steps']}); nothing changed.\n"
-                f"  To train further, give a larger --max-steps: {resume_command(out)} --max-steps {2 * step}\n"
+                f"  To train further, give a larger --max-steps: {resume_command(out, '--max-steps', str(2 * step))}\n"
                 f"  To export it: python export.py {out} --merged")
     return None
 
@@ -141,6 +150,34 @@ def prepare_run(s, plan):
             shutil.rmtree(path)
             print(f"skipped {os.path.basename(path)}: incomplete ({why}), removed")
     os.makedirs(out, exist_ok=True)
+    what = describe(s, plan)
+    if what:
+        print(what)
+
+
+def write_config(s, backend, reason, vllm, n_prompts):
+    """config.json, which --resume reads back: the resolved settings, the backend and why, the
+    precision, reward weights, agents and package versions. The settings are printed as one line."""
+    settings = {k: v for k, v in s.items() if k not in ("reward_weights", "max_seq_length")}
+    write_json_atomic(os.path.join(s["output_dir"], CONFIG_FILE), {
+        "settings": settings, "backend": backend, "backend_reason": reason, "vllm": vllm,
+        "precision": str(models.compute_dtype()).removeprefix("torch."),
+        "reward_weights": s["reward_weights"], "agents": get_agents(s["agents"]),
+        "train_prompts": n_prompts, "versions": package_versions(),
+    })
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+
+
+def package_versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "peft", "datasets", "unsloth", "vllm", "bitsandbytes"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def write_json_atomic(path, obj):
@@ -154,13 +191,24 @@ def write_json_atomic(path, obj):
 
 
 def load_stats(out, up_to_step):
-    """The per-step stats of the run in ``out``, up to the checkpoint it resumes from."""
+    """The per-step stats of the run in ``out``, up to the checkpoint it resumes from: none for a
+    run that starts at step 0."""
     try:
         with open(os.path.join(out, STATS_FILE)) as f:
             stats = json.load(f)
     except (OSError, ValueError):
         return []
     return [e for e in stats if e["step"] <= up_to_step]
+
+
+def load_checkpoint_weights(model, plan):
+    """A run killed after its last step but before its outputs were written ("finish"): put the
+    last checkpoint's LoRA weights into ``model`` instead of training again; returns its step."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(os.path.join(plan["checkpoint"], ADAPTER_FILE)))
+    return plan["step"]
 
 
 def mark_finished(out, step):

@@ -1,6 +1,13 @@
 # /// script
-# requires-python = ">=3.10"
-# dependencies = ["trl==1.14.0", "transformers==5.17.0", "datasets==4.8.5", "peft", "accelerate", "matplotlib"]
+# requires-python = ">=3.10,<3.13"
+# dependencies = [
+#     # A GPU run needs all of these: without unsloth (or on a machine without CUDA) the script falls back
+#     # to plain transformers + PEFT, several times slower, and says so at start-up ("backend: trl (...)").
+#     "unsloth==2026.10.7", "unsloth_zoo==2026.10.7", "bitsandbytes==0.50.2",
+#     "vllm==0.26.0", "torch==2.11.0",  # vLLM's fast generation; this torch is a CUDA 13 build (NVIDIA driver 580+)
+#     "trl==1.14.0", "transformers==5.17.0", "datasets==4.8.5", "peft==0.21.2", "accelerate==1.15.0",
+#     "matplotlib",
+# ]
 # ///
 """Learn the mechanics of multi-agent GRPO on generated math problems.
 
@@ -13,7 +20,7 @@ dummy that shows GRPO pushing a measurable property up within a few dozen steps.
 real signal with --rewards correctness_reward,stop_tag_bonus.
 
 On a 12-24 GB GPU:
-    pip install -r requirements.txt
+    pip install -r requirements.txt                        # or: uv run train_synthetic.py
     python train_synthetic.py
     python train_synthetic.py --rewards correctness_reward,stop_tag_bonus --curriculum
 
@@ -21,13 +28,28 @@ Quick check of the whole pipeline on a CPU (tiny offline model, under a minute; 
 replaces the previous smoke run, kept aside):
     python train_synthetic.py --smoke --overwrite
 
-Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.
+In a notebook: paste this file into a cell beside the kit's modules, edit DEFAULTS, run it
+(the kernel's own arguments are ignored).
 
+Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.
 Outputs: as train_gsm8k.py (adapter, config.json, training_stats.json, rewards.png, checkpoints).
 """
 
-import training
+import os
+import time
+
+from datasets import Dataset
+
+import export
+import models
+import progress
+import runs
+from agents import expand_agents
 from data import synthetic_problems
+from evaluate import quick_eval
+from grpo_trainer import make_trainer_class, stop_at
+from rewards import STOP_TAG, get_reward_funcs
+from settings import bad_input_refused, check_enough_data, parse_settings
 
 # ---- settings: edit here, or pass the flags (python train_synthetic.py --help) ----
 DEFAULTS = dict(
@@ -55,14 +77,140 @@ def add_args(add):
     add("--curriculum", "easy, then medium, then hard problems, in that order", action="store_true")
 
 
-def load_data(s):
-    """(train rows, held-out rows); held-out problems come from another seed."""
+def grpo_config(s, backend, tokenizer, vllm=False):
+    """TRL's GRPOConfig: the GRPO recipe. Every value is set here, because Unsloth's config has
+    other defaults (weight decay 0.001, an emptied CUDA cache every 250 steps)."""
+    from trl import GRPOConfig  # here: on a GPU, unsloth was imported first and has patched trl
+
+    gpu = models.gpu_capability() is not None
+    bf16 = models.bf16_supported()  # from Ampere (8.0) on; a T4 or V100 trains in fp16, as Unsloth loads it
+    return GRPOConfig(
+        output_dir=s["output_dir"],
+        max_steps=s["max_steps"],
+        learning_rate=s["learning_rate"],
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, s["max_steps"] // 10),
+        weight_decay=0.0,
+        max_grad_norm=1.0,                     # lower it (0.1) if the loss turns NaN or inf
+        optim="adamw_8bit" if gpu else "adamw_torch",  # 8-bit Adam states save memory on a GPU
+        per_device_train_batch_size=s["batch_size"],  # completions per step; lower it if out of memory
+        gradient_accumulation_steps=s["gradient_accumulation_steps"],  # raise it instead of the batch
+        # Rollouts: each prompt's group of completions, sampled and scored together.
+        num_generations=s["num_generations"],  # the group; lower it if out of memory, raise it if zero_std is high
+        max_completion_length=s["max_completion_length"],  # lower it if out of memory
+        temperature=s["temperature"],
+        top_p=1.0,
+        **stop_at(s["prompt_style"], tokenizer, vllm),  # the xml form stops at </response>
+        # The loss: GRPO's group-relative advantages, with DAPO's token-level normalization.
+        loss_type="dapo",                      # or "grpo", "bnpo", "dr_grpo" (with scale_rewards="none")
+        scale_rewards="group",                 # divide advantages by the group's std; "none" as in Dr. GRPO
+        beta=0.0,                              # no KL term, so no reference model: one copy of the weights
+        epsilon=0.2,                           # the clip range below 1 ...
+        epsilon_high=0.2,                      # ... and above; DAPO uses 0.28, which Unsloth sets if this is None
+        num_iterations=1,                      # one gradient step per batch of rollouts
+        top_entropy_quantile=1.0,              # train on every token; 0.2 keeps the 20% of highest entropy
+        mask_truncated_completions=False,      # True drops completions cut at max_completion_length
+        reward_weights=list(s["reward_weights"].values()),
+        # Precision and memory follow the hardware.
+        use_cpu=not gpu,
+        bf16=gpu and bf16,
+        fp16=gpu and not bf16,
+        gradient_checkpointing=gpu and backend == "trl",  # unsloth checkpoints its own way; the tiny CPU model needs none
+        torch_empty_cache_steps=None,
+        # Logging and checkpoints.
+        logging_steps=1,
+        save_steps=s["save_steps"],
+        save_total_limit=2,                    # checkpoints hold the optimizer state: several times the adapter
+        report_to=[] if s["report_to"] == "none" else [s["report_to"]],
+        project=s["project_name"],
+        disable_tqdm=False,
+        seed=s["seed"],
+        shuffle_dataset=not s["curriculum"],  # a curriculum keeps its easy-to-hard order
+    )
+
+
+@progress.ctrl_c_before_training
+def main(argv=None):
+    """The recipe, top to bottom. ``argv``: flags as on the command line; None takes the command
+    line's, or none in a notebook, where DEFAULTS above are the settings."""
+    # 1. Settings: DEFAULTS, then --smoke's, then a resumed run's config.json, then the flags. All that
+    #    can be checked is checked now, before the run folder is touched or a model loads.
+    s = parse_settings(__doc__, DEFAULTS, argv, add_args)
+    plan = runs.inspect_run(s)  # start, resume, overwrite...: refuses a folder it must not touch
+    if plan["action"] == "finished":
+        print(runs.describe(s, plan))
+        return s
+    t0 = time.time()
+    backend, reason = models.pick_backend(s)  # imports unsloth on a GPU, before anything imports trl
+    print(f"backend: {backend} ({reason})")
+    export.check_exports(s["model_name"], s["save_merged"], s["save_gguf"], backend, reason)
+    with bad_input_refused():  # a hub id the hub cannot be asked about: one line, at once
+        models.check_source(s["model_name"])
+
+    # 2. Data: generated problems, nothing to download; the held-out ones come from another seed.
     levels = ["easy", "medium", "hard"] if s["curriculum"] else [s["difficulty"]]
-    n = max(1, s["max_examples"] // len(levels))
-    train = [row for level in levels for row in synthetic_problems(n, level, seed=s["seed"])]
-    held_out = synthetic_problems(s["eval_examples"], levels[-1], seed=s["seed"] + 1).to_list()
-    return train, held_out
+    per_level = max(1, s["max_examples"] // len(levels))
+    train_rows = [row for level in levels for row in synthetic_problems(per_level, level, seed=s["seed"])]
+    eval_rows = synthetic_problems(s["eval_examples"], levels[-1], seed=s["seed"] + 1).to_list()
+
+    # 3. The agents' prompts: each problem once per agent, in the XML-tag form.
+    prompts = expand_agents(train_rows, s["agents"], s["agent_sampling"], s["seed"], style=s["prompt_style"])
+    dataset = Dataset.from_list(prompts)
+    check_enough_data(s, len(train_rows), len(eval_rows), len(dataset))
+
+    # 4. Model and LoRA: Unsloth's 4-bit model (vLLM generates where installed), or transformers + PEFT.
+    runs.prepare_run(s, plan)  # only now is an old run moved aside (--overwrite)
+    model, tokenizer, vllm = models.load_model(s, backend)
+    runs.write_config(s, backend, reason, vllm, len(dataset))
+    stats = runs.load_stats(s["output_dir"], plan["step"])  # the steps so far, on --resume
+
+    # 5. Rewards, summed with their weights (--rewards): the unique_chars_reward dummy by default.
+    reward_funcs = get_reward_funcs(list(s["reward_weights"]))
+
+    # 6. The trainer: TRL's GRPOTrainer (Unsloth's, on its backend) that also logs each agent's reward.
+    trainer = make_trainer_class()(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=grpo_config(s, backend, tokenizer, vllm),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        reward_weights=s["reward_weights"],
+        stop_strings=[STOP_TAG] if s["prompt_style"] == "xml" else None,
+    )
+
+    # 7. Train: one line per step, training_stats.json as it goes, a checkpoint every --save-steps.
+    #    Ctrl-C stops after the step under way, with a checkpoint, and prints the command that continues.
+    with progress.resumable(s, stats):
+        if plan["action"] == "finish":  # trained to the end before a kill: take the last checkpoint
+            step = runs.load_checkpoint_weights(model, plan)
+        else:
+            with progress.watch(trainer, s, stats):
+                trainer.train(resume_from_checkpoint=plan["checkpoint"])
+            step = trainer.state.global_step
+
+        # 8. Save the LoRA adapter and tokenizer (PeftModel.from_pretrained(base, RUN) reloads them).
+        model.save_pretrained(s["output_dir"])
+        tokenizer.save_pretrained(s["output_dir"])
+        if stats:
+            progress.plot_rewards(stats, os.path.join(s["output_dir"], "rewards.png"))
+
+        # 9. A quick evaluation on the held-out questions, greedy, graded as evaluate.py grades.
+        if eval_rows and not s["skip_evaluation"]:
+            model = models.for_inference(model, backend)
+            result = quick_eval(model, tokenizer, eval_rows, s["agents"], s["prompt_style"], s["max_completion_length"])
+            runs.write_json_atomic(os.path.join(s["output_dir"], "eval.json"), result)
+            print(f"quick evaluation on {result['n']} held-out questions: accuracy {result['accuracy']:.3f}, "
+                  f"format compliance {result['format_compliance']:.3f}")
+        runs.mark_finished(s["output_dir"], step)
+
+    # 10. Exports last (--save-merged, --save-gguf): a failed one costs nothing saved above.
+    failed = export.export_run(model, tokenizer, s["output_dir"], backend, s["model_name"],
+                               merged=s["save_merged"], gguf=s["save_gguf"])
+    print(f"done in {time.time() - t0:.1f} s; run folder: {s['output_dir']}")
+    if failed:
+        raise SystemExit(f"training and evaluation are saved, but {' and '.join(failed)} failed (see above)")
+    return s
 
 
 if __name__ == "__main__":
-    training.main(__doc__, DEFAULTS, load_data, extra_args=add_args)
+    main()

@@ -10,7 +10,7 @@
     ctrl-c-after-step-N        SIGINT as soon as step N's stats are written: a user's Ctrl-C
     ctrl-c-twice-after-step-N  two SIGINTs there: a user who presses Ctrl-C again
 
-The faults are wrapped around the functions that write those files (training.write_json_atomic,
+The faults are wrapped around the functions that write those files (runs.write_json_atomic,
 torch.save, PeftModel.save_pretrained); the script then runs as ``python SCRIPT [flags...]`` would.
 """
 
@@ -24,17 +24,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def after_stats_of_step(n, action):
-    """Run ``action`` once training.write_json_atomic has written the stats of step ``n``."""
-    import training
+    """Run ``action`` once runs.write_json_atomic has written the stats of step ``n``."""
+    import runs
 
-    write = training.write_json_atomic
+    write = runs.write_json_atomic
 
     def write_then_act(path, obj):
         write(path, obj)
-        if path.endswith(training.STATS_FILE) and obj and obj[-1]["step"] == n:
+        if path.endswith(runs.STATS_FILE) and obj and obj[-1]["step"] == n:
             action()
 
-    training.write_json_atomic = write_then_act
+    runs.write_json_atomic = write_then_act
 
 
 def kill_in_checkpoint(n):

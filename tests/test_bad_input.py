@@ -1,7 +1,7 @@
 """Bad data, an unreachable hub and a bad --overwrite: each stops before a model loads, with one or
 two lines that name the file, row or flag and the fix, and leaves every folder as it was.
 
-training.main runs in this process: a SystemExit is the clean refusal the user sees; any other
+The script's main() runs in this process: a SystemExit is the clean refusal the user sees; any other
 exception would fail the test (and would have been a traceback)."""
 
 import os
@@ -9,13 +9,11 @@ import os
 import pytest
 
 import train_gsm8k
-import training
 from data import GSM8K_SAMPLE
 
 
 def main(*flags):
-    return training.main("test", train_gsm8k.DEFAULTS, train_gsm8k.load_data, ["--smoke", *flags],
-                         train_gsm8k.add_args, train_gsm8k.SMOKE)
+    return train_gsm8k.main(["--smoke", *flags])
 
 
 def refusal(capsys, *flags):

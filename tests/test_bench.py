@@ -1,4 +1,5 @@
-"""bench.py: the --smoke run end to end on the CPU, and the arithmetic behind its figures."""
+"""bench.py: the --smoke run end to end on the CPU (its child, bench_worker.py, included), and the
+arithmetic behind its figures."""
 
 import json
 import math
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import bench
+import bench_worker
 import models
 from conftest import ROOT
 
@@ -64,38 +66,38 @@ def test_smoke_says_unsloth_was_skipped_and_memory_is_not_applicable(smoke):
     ([7.0], 0, 7.0, "no warm-up"),
 ])
 def test_median_timed_leaves_out_the_warmup(values, warmup, expected, why):
-    assert bench.median_timed(values, warmup) == expected, why
+    assert bench_worker.median_timed(values, warmup) == expected, why
 
 
 def test_median_timed_refuses_a_run_with_no_timed_step():
     with pytest.raises(ValueError, match="no timed steps"):
-        bench.median_timed([1.0, 2.0], warmup=2)
+        bench_worker.median_timed([1.0, 2.0], warmup=2)
 
 
 def test_kv_cache_bytes_of_the_default_workload():
     # Qwen2.5-1.5B: 28 layers, 2 kv heads, head_dim 1536 / 12 = 128; G = 8 sequences at the average
     # context 150 + 256 / 2 = 278 tokens, bf16 (2 bytes):
     # 2 (k and v) * 28 * 2 * 128 * 278 * 8 * 2 = 63,766,528 bytes, about 60.8 MiB
-    assert bench.kv_cache_bytes(28, 2, 128, 150 + 256 / 2, 8, 2) == 63_766_528
+    assert bench_worker.kv_cache_bytes(28, 2, 128, 150 + 256 / 2, 8, 2) == 63_766_528
 
 
 def test_weight_bytes_counts_storage_and_quantization_scales():
     # nn.Linear(4, 3) in fp32: (4 * 3 weights + 3 biases) * 4 bytes = 60; in bf16, half of it
-    assert bench.weight_bytes(torch.nn.Linear(4, 3)) == 60
-    assert bench.weight_bytes(torch.nn.Linear(4, 3).to(torch.bfloat16)) == 30
+    assert bench_worker.weight_bytes(torch.nn.Linear(4, 3)) == 60
+    assert bench_worker.weight_bytes(torch.nn.Linear(4, 3).to(torch.bfloat16)) == 30
     # a bitsandbytes-style 4-bit weight: 16 weights packed in 8 uint8 bytes, 2 fp32 block scales and,
     # with double quantization, 1 more fp32 scale: 8 + 2 * 4 + 1 * 4 = 20 bytes
     module = torch.nn.Module()
     packed = torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8), requires_grad=False)
     packed.quant_state = SimpleNamespace(absmax=torch.zeros(2), state2=SimpleNamespace(absmax=torch.zeros(1)))
     module.register_parameter("weight", packed)
-    assert bench.weight_bytes(module) == 20
+    assert bench_worker.weight_bytes(module) == 20
 
 
 def test_summarize_decode_efficiency_by_hand():
     records = [{"step_s": 9.0, "generation_s": 8.0, "tokens": 2048}] + [
         {"step_s": 3.0, "generation_s": 2.0, "tokens": 2048}] * 3
-    out = bench.summarize(records, warmup=1, batch=8, completion_length=256, weights=0.9e9, kv_bytes=0.1e9,
+    out = bench_worker.summarize(records, warmup=1, batch=8, completion_length=256, weights=0.9e9, kv_bytes=0.1e9,
                           bandwidth=2e12)
     assert (out["step_s"], out["generation_s"], out["train_s"]) == (3.0, 2.0, 1.0)  # the warm-up step is left out
     assert out["tokens_per_s"] == 1024.0  # 2048 tokens / 2 s
@@ -121,4 +123,4 @@ def test_the_timed_generation_method_exists_in_this_trl():
     # or generation time would silently include scoring after a trl upgrade.
     from trl import GRPOTrainer
 
-    assert hasattr(GRPOTrainer, next(iter(bench.GENERATION_METHODS)))
+    assert hasattr(GRPOTrainer, next(iter(bench_worker.GENERATION_METHODS)))

@@ -1,5 +1,6 @@
-"""evaluate.py: grading, votes, consistency and pass@k on hand-built answers, then the script end
-to end on a tiny saved model, a tiny LoRA adapter and a small GSM8K-format file."""
+"""evaluate.py: grading, votes, consistency and pass@k on hand-built answers, report.py's tables on
+them, then the script end to end on a tiny saved model, a tiny LoRA adapter and a small GSM8K-format
+file, and quick_eval on the same model."""
 
 import itertools
 import json
@@ -11,6 +12,8 @@ import pytest
 import torch
 
 import evaluate
+import report
+from agents import get_agents
 from models import add_lora, tiny_model_and_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +132,35 @@ def test_pass_at_k_matches_brute_force(n):
 def test_pass_at_k_refuses_impossible_counts(n, c, k):
     with pytest.raises(ValueError, match="pass@k needs"):
         evaluate.pass_at_k(n, c, k)
+
+
+# ---------------------------------------------------------------------------- reports
+
+def fake_summary(weights):
+    """fake_records scored, with the timings evaluate() adds."""
+    s = evaluate.score(fake_records(), weights)
+    for part in (*s["agents"].values(), s["majority_vote"], s["weighted_vote"]):
+        part["seconds_per_question"] = 0.5
+    return s
+
+
+def test_compare_and_markdown():
+    base = fake_summary({"a": 1.0, "b": 1.0, "c": 1.0})      # equal weights: the weighted vote is the plain one
+    trained = fake_summary({"a": 1.0, "b": 0.25, "c": 0.25})  # a's vote wins q1: 3/4 (see above)
+    assert [row[:2] for row in report.table_rows(trained)] == [
+        ("agent a", 0.75), ("agent b", 0.5), ("agent c", 0.25), ("majority vote", 0.5), ("weighted vote", 0.75)]
+    cmp = report.compare(base, trained)
+    assert list(cmp) == ["agent a", "agent b", "agent c", "majority vote", "weighted vote", "consistency"]
+    assert cmp["weighted vote"] == {"base": 0.5, "trained": 0.75, "delta": 0.25}
+    assert cmp["agent a"]["delta"] == cmp["consistency"]["delta"] == 0
+    config = {"model_name": "m", "adapter": "run", "n": 4, "dataset": "d", "split": "test", "seed": 0,
+              "agents": {"a": "", "b": "", "c": ""}, "prompt_style": "chat", "samples": 1, "max_new_tokens": 8,
+              "calibration_n": 2}
+    text = report.markdown({"config": config, "runs": {"base": base, "trained": trained}, "comparison": cmp})
+    assert text.startswith("# Evaluation of m + run\n")
+    assert "| weighted vote | 50.0% | 75.0% | +25.0 pts |" in text
+    assert "| agent c | 25.0% | 0.0% | 75.0% | 10 | 0.50 |" in text  # c's strict misses q2, its format q3
+    assert "Vote weights (calibration accuracy): a 100.0%, b 25.0%, c 25.0%." in text
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -310,3 +342,19 @@ def test_unreachable_hub_dataset_is_a_clear_exit(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match=r"^--dataset 'openai/gsm8k' is not a local path.*gsm8k_sample"):
         evaluate.load_questions("openai/gsm8k", "test", 2, 0, seed=0)
+
+
+def test_quick_eval_grades_the_first_agent_as_evaluate_does(saved):
+    # training's held-out check: the first agent's greedy answers, the same completions evaluate() gets
+    model, tok = saved["peft_model"].eval(), saved["tokenizer"]
+    rows = evaluate.load_questions(saved["data"], "test", 3, 0, seed=0)[0]
+    r = evaluate.quick_eval(model, tok, rows, "2", "xml", max_new_tokens=4)
+    first = next(iter(get_agents("2").items()))
+    assert set(r) == {"n", "agent", "accuracy", "format_compliance", "records"}
+    assert r["n"] == 3 and r["agent"] == first[1]
+    assert [q["gold"] for q in r["records"]] == [row["answer"] for row in rows]
+    assert r["accuracy"] == sum(q["correct"] for q in r["records"]) / 3
+    assert r["format_compliance"] == sum(q["strict_answer"] is not None for q in r["records"]) / 3
+    s = evaluate.evaluate(model, tok, rows, [], dict([first]), style="xml", max_new_tokens=4, ensemble=False)
+    assert [q["completion"] for q in r["records"]] == [q["agents"][first[0]][0]["completion"] for q in s["questions"]]
+    assert r["accuracy"] == s["agents"][first[0]]["accuracy"]

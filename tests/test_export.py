@@ -8,7 +8,6 @@ import torch
 
 import export
 import train_synthetic
-import training
 from test_training import run_script
 
 RUN_FILES = ("adapter_model.safetensors", "training_stats.json", "rewards.png", "eval.json", "checkpoint-2")
@@ -31,8 +30,7 @@ def test_gguf_on_trl_is_refused_before_anything_loads(tmp_path, flags, reason):
 def train(tmp_path, *flags):
     out = str(tmp_path / "run")
     argv = ["--smoke", "--max-steps", "2", "--output-dir", out, *flags]
-    training.main(train_synthetic.__doc__, train_synthetic.DEFAULTS, train_synthetic.load_data, argv,
-                  train_synthetic.add_args)
+    train_synthetic.main(argv)
     return out
 
 

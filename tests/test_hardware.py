@@ -7,11 +7,12 @@ import types
 
 import pytest
 import torch
+import trl
 
 import evaluate
 import models
+import settings
 import train_gsm8k
-import training
 
 
 def fake_cuda(monkeypatch, capability):
@@ -35,8 +36,9 @@ def test_precision_follows_compute_capability(monkeypatch, capability, dtype):
     assert models.compute_dtype() == dtype
     kwargs = models.load_kwargs(quantize=True)  # the trl backend's 4-bit load, and evaluate.py's
     assert kwargs["dtype"] == dtype and kwargs["quantization_config"].bnb_4bit_compute_dtype == dtype
-    s = training.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--backend", "unsloth"], train_gsm8k.add_args)
-    config = training.grpo_config_kwargs(s, "unsloth", models.tiny_model_and_tokenizer()[1])
+    s = settings.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--backend", "unsloth"], train_gsm8k.add_args)
+    monkeypatch.setattr(trl, "GRPOConfig", dict)  # the arguments as given: a real config refuses fp16 on a CPU
+    config = train_gsm8k.grpo_config(s, "unsloth", models.tiny_model_and_tokenizer()[1])
     assert (config["bf16"], config["fp16"]) == (dtype == torch.bfloat16, dtype == torch.float16)
     assert config["optim"] == "adamw_8bit" and config["use_cpu"] is False
 

@@ -245,14 +245,24 @@ def test_stats_file_is_written_atomically(tmp_path):
     assert os.listdir(tmp_path) == ["stats.json"]  # no temporary file left behind
 
 
-def test_ctrl_c_before_training_began_exits_without_a_traceback(tmp_path, capsys):
+def test_ctrl_c_before_training_began_exits_without_a_traceback(tmp_path, capsys, monkeypatch):
     import train_synthetic
-    import training
 
-    def load_data(s):
-        raise KeyboardInterrupt  # Ctrl-C while the data loads
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the data is made
 
+    monkeypatch.setattr(train_synthetic, "synthetic_problems", ctrl_c)
     with pytest.raises(SystemExit) as exc:
-        training.main("test", train_synthetic.DEFAULTS, load_data, ["--smoke", "--output-dir", str(tmp_path / "run")],
-                      train_synthetic.add_args)
+        train_synthetic.main(["--smoke", "--output-dir", str(tmp_path / "run")])
     assert exc.value.code == 130 and "stopped by Ctrl-C before training began" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv0, expected", [
+    ("train_synthetic.py", "python train_synthetic.py --resume --output-dir out/run --max-steps 8"),
+    # a notebook kernel's argv[0] is ipykernel_launcher.py: the user needs the call to put in a cell
+    ("/usr/lib/python3/ipykernel_launcher.py", 'main(["--resume", "--output-dir", "out/run", "--max-steps", "8"])'),
+])
+def test_resume_command_fits_where_the_run_was_started(monkeypatch, argv0, expected):
+    monkeypatch.setattr(sys, "argv", [argv0, "-f", "kernel.json"])
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # only argv[0] says where
+    assert runs.resume_command("out/run", "--max-steps", "8") == expected

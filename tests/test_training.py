@@ -7,10 +7,11 @@ import sys
 import pytest
 import torch
 
+import grpo_trainer
 import models
+import settings
 import train_gsm8k
 import train_synthetic
-import training
 from agents import expand_agents
 from data import GSM8K_SAMPLE
 from rewards import STOP_TAG
@@ -67,7 +68,7 @@ def test_gsm8k_smoke_end_to_end(tmp_path):
 
 
 def parse(argv, defaults=train_gsm8k.DEFAULTS, extra=train_gsm8k.add_args):
-    return training.parse_settings("test", defaults, argv, extra)
+    return settings.parse_settings("test", defaults, argv, extra)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -125,9 +126,9 @@ def test_tracker_that_is_not_installed_is_refused(tracker, package, monkeypatch,
 
 
 def test_smoke_takes_the_shipped_gsm8k_sample():
-    s = training.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke"], train_gsm8k.add_args, train_gsm8k.SMOKE)
+    s = settings.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke"], train_gsm8k.add_args, train_gsm8k.SMOKE)
     assert s["dataset"] == GSM8K_SAMPLE and os.path.isfile(GSM8K_SAMPLE)
-    given = training.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--dataset", "x.jsonl"],
+    given = settings.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--dataset", "x.jsonl"],
                                     train_gsm8k.add_args, train_gsm8k.SMOKE)
     assert given["dataset"] == "x.jsonl"  # a flag still wins over --smoke's choice
 
@@ -158,7 +159,7 @@ def test_notebook_kernel_arguments_are_ignored(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/root/kernel-123.json"])
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a Colab GPU runtime
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    s = training.parse_settings("test", train_synthetic.DEFAULTS, None, train_synthetic.add_args)
+    s = settings.parse_settings("test", train_synthetic.DEFAULTS, None, train_synthetic.add_args)
     assert s["max_steps"] == train_synthetic.DEFAULTS["max_steps"]
 
 
@@ -186,7 +187,7 @@ def test_xml_generation_stops_at_the_stop_tag(tmp_path):
     from datasets import Dataset
     from rewards import stop_tag_bonus
 
-    s = training.parse_settings("test", train_synthetic.DEFAULTS, ["--smoke", "--max-steps", "1",
+    s = settings.parse_settings("test", train_synthetic.DEFAULTS, ["--smoke", "--max-steps", "1",
                                 "--max-completion-length", "48", "--output-dir", str(tmp_path)], train_synthetic.add_args)
     model, tokenizer = models.tiny_model_and_tokenizer()
     script = tokenizer(" 7 </response> and more words")["input_ids"]
@@ -205,8 +206,8 @@ def test_xml_generation_stops_at_the_stop_tag(tmp_path):
     model = models.add_lora(model, s["lora_rank"])
     rows = [{"question": "How many?", "answer": "7"}] * 4
     dataset = Dataset.from_list(expand_agents(rows, "core", "all", style="xml"))
-    trainer = training.make_trainer_class()(
-        model=model, reward_funcs=[stop_tag_bonus], args=training.grpo_config(s, "trl", tokenizer),
+    trainer = grpo_trainer.make_trainer_class()(
+        model=model, reward_funcs=[stop_tag_bonus], args=train_synthetic.grpo_config(s, "trl", tokenizer),
         train_dataset=dataset, processing_class=tokenizer,
         reward_weights={"stop_tag_bonus": 1.0}, stop_strings=[STOP_TAG],
     )
@@ -216,3 +217,13 @@ def test_xml_generation_stops_at_the_stop_tag(tmp_path):
     assert completions and all(c.rstrip().endswith(STOP_TAG) for c in completions), completions
     assert logs["rewards/stop_tag_bonus/mean"] == 0.5
     assert logs["completions/mean_length"] < s["max_completion_length"]  # stopped, padding masked
+
+
+def test_importing_ipykernel_is_not_being_in_a_notebook(monkeypatch):
+    """A notebook runner (nbclient, as in tests/test_notebook.py) imports ipykernel; a script it starts
+    still takes its command line."""
+    import ipykernel  # noqa: F401
+
+    monkeypatch.setattr(sys, "argv", ["train_gsm8k.py", "--smoke", "--max-steps", "3"])
+    assert not settings.in_notebook()
+    assert settings.parse_settings("test", train_gsm8k.DEFAULTS, None, train_gsm8k.add_args)["max_steps"] == 3

@@ -17,7 +17,8 @@ import pytest
 
 import models
 import train_gsm8k
-import training
+import runs
+import settings
 from conftest import ROOT
 from rewards import STOP_TAG
 
@@ -81,7 +82,7 @@ def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style):
     assert lora["use_gradient_checkpointing"] == "unsloth" and lora["r"] == lora["lora_alpha"] == 4
     assert lora["target_modules"] == models.LORA_TARGETS
 
-    stats = json.load(open(run / training.STATS_FILE))
+    stats = json.load(open(run / runs.STATS_FILE))
     assert [e["step"] for e in stats] == [1, 2]
     for entry in stats:  # one question per step, so one agent, whose mean is the step's reward
         (agent_key,) = [k for k in entry if k.startswith("agents/")]
@@ -110,9 +111,9 @@ def test_unsloths_config_trains_the_kits_recipe(checks):
     except where a field cannot change what is trained. Unsloth's own defaults differ (weight decay
     0.001, an emptied CUDA cache every 250 steps), so the kit sets those values itself."""
     unsloth_cfg = checks[0]["config"]
-    s = training.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--output-dir", unsloth_cfg["output_dir"]],
+    s = settings.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--output-dir", unsloth_cfg["output_dir"]],
                                 train_gsm8k.add_args)
-    trl_cfg = training.grpo_config(s, "unsloth", models.tiny_model_and_tokenizer()[1]).to_dict()
+    trl_cfg = train_gsm8k.grpo_config(s, "unsloth", models.tiny_model_and_tokenizer()[1]).to_dict()
     may_differ = {
         "per_device_eval_batch_size", "eval_accumulation_steps",  # evaluation through the trainer, which the kit never runs
         "logging_nan_inf_filter",  # what is logged, not trained

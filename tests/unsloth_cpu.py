@@ -155,11 +155,9 @@ def stand_in_vllm():
     sys.modules["vllm"] = module
 
 
-def capture_trainer():
-    """Keep the trainer that training.main builds, to report on it afterwards."""
-    import training
-
-    made, make = [], training.make_trainer_class
+def capture_trainer(script):
+    """Keep the trainer that the script's main() builds, to report on it afterwards."""
+    made, make = [], script.make_trainer_class
 
     def make_trainer_class():
         cls = make()
@@ -172,12 +170,12 @@ def capture_trainer():
         Recorded.__name__ = cls.__name__
         return Recorded
 
-    training.make_trainer_class = make_trainer_class
+    script.make_trainer_class = make_trainer_class
     return made
 
 
 def train(args, rest):
-    """training.main of train_synthetic.py, or of train_gsm8k.py with --dataset, on the unsloth backend."""
+    """main() of train_synthetic.py, or of train_gsm8k.py with --dataset, on the unsloth backend."""
     if args.vllm_installed:
         stand_in_vllm()
         import models
@@ -186,11 +184,9 @@ def train(args, rest):
     capability = simulate_gpu(args.gpu)
     calls = []
     stand_in_unsloth_loading(capability, calls, args.script)
-    made = capture_trainer()
-    import training
-
     script = __import__("train_gsm8k" if "--dataset" in rest else "train_synthetic")
-    training.main(script.__doc__, script.DEFAULTS, script.load_data, rest, script.add_args)
+    made = capture_trainer(script)
+    script.main(rest)
     trainer = made[0]
     model_dtype = next(trainer.model.parameters()).dtype
     return {"trainer_bases": [c.__name__ for c in type(trainer).__mro__[1:3]], "bf16": trainer.args.bf16,
@@ -203,13 +199,13 @@ def train(args, rest):
 def config(args):
     """The kit's GRPOConfig arguments, built by Unsloth's patched GRPOConfig, as a dict."""
     import models
+    import settings
     import train_gsm8k
-    import training
 
-    s = training.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--output-dir", args.out],
+    s = settings.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--output-dir", args.out],
                                 train_gsm8k.add_args)
     _, tokenizer = models.tiny_model_and_tokenizer()
-    cfg = training.grpo_config(s, "unsloth", tokenizer)
+    cfg = train_gsm8k.grpo_config(s, "unsloth", tokenizer)
     return {k: v for k, v in cfg.to_dict().items() if isinstance(v, (bool, int, float, str, type(None)))}
 
 
@@ -220,14 +216,14 @@ def vllm_patches(args):
     import trl.generation.vllm_generation as vllm_generation
 
     import models
+    import settings
     import train_synthetic
-    import training
     from rewards import STOP_TAG
 
-    s = training.parse_settings("test", train_synthetic.DEFAULTS, ["--smoke", "--output-dir", args.out],
+    s = settings.parse_settings("test", train_synthetic.DEFAULTS, ["--smoke", "--output-dir", args.out],
                                 train_synthetic.add_args)
     _, tokenizer = models.tiny_model_and_tokenizer()
-    cfg = training.grpo_config(s, "unsloth", tokenizer, vllm=True)
+    cfg = train_synthetic.grpo_config(s, "unsloth", tokenizer, vllm=True)
     del sys.modules["vllm"]
     generation = vllm_generation.VLLMGeneration
     return {"sampling_params": cfg.vllm_sampling_params._set_kwargs, "stop_tag": STOP_TAG,

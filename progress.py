@@ -1,0 +1,176 @@
+"""What the user sees while a run trains, and what it leaves if it stops early.
+
+    watch(trainer, s, stats)   around trainer.train(): the progress bar and one fixed-format line
+                               per step (TRL's metric names), training_stats.json rewritten
+                               atomically after each step, a checkpoint at the last step, the
+                               out-of-memory hint, and Ctrl-C: the first press stops after the
+                               step under way, with a checkpoint
+    resumable(s, stats)        around the training and the outputs: a second Ctrl-C, or one after
+                               training, stops at once; both leave the plot and print the --resume
+                               command, and exit 130
+    ctrl_c_before_training     main()'s decorator: Ctrl-C while the model loads prints one line
+    plot_rewards(stats, path)  rewards.png: the mean reward and each reward component per step
+
+    step   12/250 | reward 1.234 ± 0.812 | correct 0.375 | len 187.5 | zero_std 0.25 | 9.81 s/step
+"""
+
+import contextlib
+import functools
+import os
+import signal
+import time
+
+import torch
+
+import runs
+from rewards import completion_text
+
+OOM_HINT = ("CUDA out of memory. Lower, in this order: --num-generations, --max-completion-length, "
+            "--batch-size (raise --gradient-accumulation-steps to compensate), --lora-rank.")
+
+
+@contextlib.contextmanager
+def watch(trainer, s, stats):
+    """Report and record each step of ``trainer.train()``; Ctrl-C stops it after a step, with a checkpoint."""
+    from transformers import ProgressCallback
+
+    progress = make_progress(s, stats)
+    progress.trainer = trainer
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(progress)
+    try:
+        with ctrl_c_stops_after_step(progress):
+            yield progress
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit(OOM_HINT) from None
+    step = trainer.state.global_step
+    if progress.stop_requested and step < s["max_steps"]:
+        stop_message(s, stats, f"stopped by Ctrl-C at step {step}/{s['max_steps']}, checkpoint-{step} saved")
+
+
+@contextlib.contextmanager
+def resumable(s, stats):
+    """A KeyboardInterrupt inside (a second Ctrl-C, or one after training) ends the run with the plot
+    of the steps so far and the command that continues it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        stop_message(s, stats, f"stopped by Ctrl-C at step {len(stats)}/{s['max_steps']}")
+
+
+def ctrl_c_before_training(main):
+    """Ctrl-C before training began (while the data or model loads): one line and exit 130, no
+    traceback. Once training has begun, resumable() says how to continue."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except KeyboardInterrupt:
+            print("stopped by Ctrl-C before training began", flush=True)
+            raise SystemExit(130) from None
+
+    return wrapped
+
+
+def make_progress(s, stats):
+    """The progress bar with one fixed-format line per logging step, stats writing, the checkpoint at
+    the last step, and the stop after a step that Ctrl-C asks for (``stop_requested``)."""
+    from transformers import ProgressCallback
+
+    stats_path = os.path.join(s["output_dir"], runs.STATS_FILE)
+    correct_key = next((f"rewards/{n}/mean" for n in s["reward_weights"] if "correct" in n), None)
+
+    class KitProgress(ProgressCallback):
+        def __init__(self):
+            super().__init__()
+            self.trainer = None  # set once the trainer exists, for its sample completions
+            self.step_start = time.perf_counter()
+            self.step_seconds = 0.0
+            self.stop_requested = False
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.step_start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.step_seconds = time.perf_counter() - self.step_start
+            super().on_step_end(args, state, control, **kw)
+            if state.global_step >= state.max_steps:
+                control.should_save = True  # always leave a checkpoint at the last step, for --resume
+            if self.stop_requested:
+                control.should_save = control.should_training_stop = True
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if "reward" not in logs:
+                return
+            entry = {"step": state.global_step, "step_time": round(self.step_seconds, 3), **logs}
+            stats[:] = [e for e in stats if e["step"] < state.global_step] + [entry]
+            runs.write_json_atomic(stats_path, stats)
+            fmt = lambda k, spec: format(logs[k], spec) if logs.get(k) is not None else "-"
+            line = (
+                f"step {state.global_step:>4}/{state.max_steps} | reward {fmt('reward', '.3f')} ± "
+                f"{fmt('reward_std', '.3f')} | correct {fmt(correct_key, '.3f')} | "
+                f"len {fmt('completions/mean_length', '.1f')} | zero_std {fmt('frac_reward_zero_std', '.2f')} | "
+                f"{self.step_seconds:.2f} s/step"
+            )
+            write = self.training_bar.write if self.training_bar is not None else print
+            write(line)
+            sample = getattr(self.trainer, "last_sample", None)
+            if s["sample_every"] and sample and state.global_step % s["sample_every"] == 0:
+                agent, gold, completion, reward = sample
+                write(f"  sample [{agent}] gold={gold} reward={reward:.2f}: {completion_text(completion)[:300]!r}")
+
+    return KitProgress()
+
+
+@contextlib.contextmanager
+def ctrl_c_stops_after_step(progress):
+    """The first Ctrl-C asks for a stop after the current step, with a checkpoint; a second one
+    raises KeyboardInterrupt as usual. A notebook's interrupt button sends the same signal."""
+
+    def request_stop(signum, frame):
+        progress.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\nCtrl-C: stopping after this step, with a checkpoint; Ctrl-C again stops at once", flush=True)
+
+    try:
+        previous = signal.signal(signal.SIGINT, request_stop)
+    except ValueError:  # not the main thread, where only the default handling works
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def stop_message(s, stats, what):
+    """Leave the plot of the steps so far, say how to continue, and exit 130 (as Ctrl-C does)."""
+    if stats:
+        plot_rewards(stats, os.path.join(s["output_dir"], "rewards.png"))
+    checkpoint = runs.last_checkpoint(s["output_dir"])
+    where = f"it continues from {os.path.basename(checkpoint)}" if checkpoint else "with no checkpoint yet it starts again"
+    print(f"{what}; {where} with: {runs.resume_command(s['output_dir'])}", flush=True)
+    raise SystemExit(130)
+
+
+def plot_rewards(stats, path):
+    """rewards.png: the mean reward and each reward component over the steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in stats]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(steps, [e.get("reward") for e in stats], lw=2.5, color="black", label="reward (weighted sum)")
+    for key in sorted({k for e in stats for k in e if k.startswith("rewards/") and k.endswith("/mean")}):
+        ax.plot(steps, [e.get(key) for e in stats], lw=1, label=key.split("/")[1])
+    ax.set(xlabel="step", ylabel="mean reward", title="GRPO rewards")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path[:-4] + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,237 @@
+"""The settings both entry scripts share: flags, defaults and the checks that run before anything loads.
+
+    parse_settings()   the script's DEFAULTS, then --smoke's (SMOKE, then the script's own), then the
+                       saved config.json on --resume, then the flags given; a notebook kernel's own
+                       arguments are ignored, so a script pasted into a cell runs its settings block
+    validate()         refuses values that cannot work, naming the flag and the fix
+    check_enough_data  refuses data too small for one GRPO step, once the held-out rows are counted
+    bad_input_refused  a loader's error (file, row, hub) ends the run in one line, with no traceback
+
+Each script's DEFAULTS holds its recipe (model, steps, group size, rewards, agents); COMMON_DEFAULTS
+below holds the plumbing settings both share.
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import models
+from agents import get_agents
+from rewards import GSM8K_REWARD_WEIGHTS, get_reward_funcs
+
+CONFIG_FILE = "config.json"  # in the run folder: the resolved settings, which --resume reads back
+
+# Each tracker, and the packages that provide it (transformers takes either for tensorboard).
+TRACKERS = {"none": (), "trackio": ("trackio",), "wandb": ("wandb",), "tensorboard": ("tensorboard", "tensorboardX")}
+REPORT_TO = tuple(TRACKERS)
+
+# Plumbing settings both scripts share; each script's DEFAULTS holds its recipe.
+COMMON_DEFAULTS = dict(
+    backend="auto",           # auto: unsloth on a CUDA machine where it imports, else trl
+    temperature=1.0,          # rollout sampling temperature
+    seed=3407,
+    max_prompt_length=256,    # tokens; sizes Unsloth's max_seq_length together with completions
+    output_dir=None,
+    resume=False,
+    overwrite=False,
+    save_steps=50,            # checkpoint every N steps (optimizer state included, for --resume)
+    save_merged=False,
+    save_gguf=None,
+    skip_evaluation=False,
+    eval_examples=8,          # held-out questions for the quick evaluation after training
+    report_to="none",         # trackers are opt-in
+    project_name="grpo-math",
+    sample_every=10,          # print a sample completion every N steps
+    smoke=False,
+)
+
+# The tiny CPU run behind --smoke: every part of the pipeline, in well under a minute.
+SMOKE = dict(
+    model_name="tiny", backend="trl", max_steps=4, batch_size=None, gradient_accumulation_steps=1,
+    num_generations=4, max_completion_length=24, max_examples=8, lora_rank=4, learning_rate=5e-4,
+    save_steps=2, eval_examples=2, sample_every=2,
+)
+
+
+def build_parser(description, defaults, extra_args=None):
+    """argparse with help on every flag. Defaults come from the script's DEFAULTS block;
+    ``extra_args(group_adder)`` adds a script's own flags."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,  # so that only the flags given are set
+    )
+
+    def add(group, flag, help, **kw):
+        key = flag.lstrip("-").replace("-", "_")
+        group.add_argument(flag, help=f"{help} (default: {defaults.get(key)})", **kw)
+
+    m = p.add_argument_group("model")
+    add(m, "--model-name", "hub id or local folder; 'tiny' = the offline smoke model", type=str)
+    add(m, "--backend", "unsloth (4-bit, fast) or trl (transformers + PEFT); auto picks", choices=["auto", "unsloth", "trl"])
+    add(m, "--lora-rank", "LoRA rank; lower it (8) if out of memory", type=int)
+    g = p.add_argument_group("GRPO")
+    add(g, "--max-steps", "optimizer steps", type=int)
+    add(g, "--learning-rate", "AdamW learning rate", type=float)
+    add(g, "--batch-size", "completions per device step, a multiple of --num-generations; '' (empty) = "
+        "num_generations", type=whole_number_or_empty)
+    add(g, "--gradient-accumulation-steps", "steps per optimizer update; raise it instead of --batch-size if out of memory", type=int)
+    add(g, "--num-generations", "completions per prompt (the GRPO group); lower it if out of memory", type=int)
+    add(g, "--max-completion-length", "tokens per completion; lower it if out of memory", type=int)
+    add(g, "--temperature", "sampling temperature for the rollouts", type=float)
+    add(g, "--seed", "random seed for data, agents and LoRA init", type=int)
+    d = p.add_argument_group("data and agents")
+    add(d, "--max-examples", "questions to train on", type=int)
+    add(d, "--rewards", "comma-separated reward names from rewards.REWARDS, each optionally name:weight", type=str)
+    add(d, "--agents", "agent set (core, strategies, personas), a count, or instructions split by '|'", type=str)
+    add(d, "--agent-sampling", "'all': every question once per agent; 'random': one agent per question", choices=["all", "random"])
+    add(d, "--prompt-style", "chat (structured <SOLUTION> format) or xml (answer closed by </response>)", choices=["chat", "xml"])
+    o = p.add_argument_group("outputs")
+    add(o, "--output-dir", "run folder; refused if it exists, unless --resume or --overwrite", type=str)
+    add(o, "--resume", "continue from the newest complete checkpoint in --output-dir, with its saved settings; "
+        "a larger --max-steps extends a finished run", action="store_true")
+    add(o, "--overwrite", "move an existing --output-dir aside (to NAME.old-TIME) and start afresh", action="store_true")
+    add(o, "--save-steps", "write a checkpoint every N steps and at the last; the two newest are kept", type=int)
+    add(o, "--save-merged", "after training, also save a merged 16-bit model in RUN/merged", action="store_true")
+    add(o, "--save-gguf", "after training, also save a GGUF file in RUN/gguf with this quantization, e.g. q4_k_m "
+        "(unsloth backend, llama.cpp)", type=str)
+    add(o, "--skip-evaluation", "skip the quick held-out evaluation after training", action="store_true")
+    add(o, "--eval-examples", "held-out questions for the quick evaluation, never trained on (0 = none)", type=int)
+    lg = p.add_argument_group("logging")
+    add(lg, "--report-to", "experiment tracker", choices=list(REPORT_TO))
+    add(lg, "--project-name", "tracker project name", type=str)
+    add(lg, "--sample-every", "print a sample completion every N steps (0 = never)", type=int)
+    add(lg, "--smoke", "tiny offline model on CPU, a few steps: checks the whole pipeline", action="store_true")
+    if extra_args:
+        extra_args(lambda flag, help, **kw: add(d, flag, help, **kw))
+    return p
+
+
+def whole_number_or_empty(value):
+    """--batch-size's type: a whole number, or '' for None (num_generations)."""
+    if not value.strip():
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, or '' for --num-generations; got {value!r}") from None
+
+
+def in_notebook():
+    """True inside a Jupyter/Colab/Kaggle kernel, whose own argv (-f kernel.json) must not reach the
+    parser. Importing ipykernel, as a notebook runner does, is not being inside one."""
+    if os.path.basename(sys.argv[0]).endswith("kernel_launcher.py"):  # ipykernel_, colab_kernel_launcher.py
+        return True
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython else None
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def parse_settings(description, defaults, argv=None, extra_args=None, smoke=None):
+    """DEFAULTS, then --smoke's overrides (SMOKE, then the script's ``smoke``), then the saved config
+    on --resume, then the flags given. ``argv`` None: the command line's, or none in a notebook."""
+    defaults = {**COMMON_DEFAULTS, **defaults}
+    parser = build_parser(description, defaults, extra_args)
+    if argv is None:
+        argv = [] if in_notebook() else sys.argv[1:]
+    given = vars(parser.parse_args(argv))
+    settings = dict(defaults)
+    if given.get("smoke", defaults["smoke"]):  # --smoke, or smoke=True in a notebook's settings block
+        settings.update({**SMOKE, **(smoke or {})}, smoke=True)
+        settings["output_dir"] += "-smoke"  # a smoke run never takes the real run's folder
+    saved = os.path.join(given.get("output_dir", settings["output_dir"]), CONFIG_FILE)
+    if given.get("resume") and os.path.exists(saved):
+        with open(saved) as f:
+            settings.update(json.load(f)["settings"])
+        settings["resume"] = settings["overwrite"] = False
+    settings.update(given)
+    try:
+        return validate(settings)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def parse_reward_spec(spec):
+    """'correctness_reward:2,format_exact_reward' -> {'correctness_reward': 2.0, 'format_exact_reward': 1.0}."""
+    weights = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, weight = item.partition(":")
+        try:
+            weights[name] = float(weight) if weight else GSM8K_REWARD_WEIGHTS.get(name, 1.0)
+        except ValueError:
+            raise ValueError(f"--rewards: weight {weight!r} of {name} is not a number") from None
+    get_reward_funcs(list(weights))  # raises on an unknown name
+    if not weights:
+        raise ValueError("--rewards: give at least one reward name")
+    return weights
+
+
+def validate(s):
+    """Refuse settings that cannot work, with the reason; fix the batch only where unambiguous."""
+    for key in ("max_steps", "num_generations", "max_completion_length", "lora_rank", "max_examples",
+                "gradient_accumulation_steps", "save_steps"):
+        if s[key] < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {s[key]}")
+    if s["num_generations"] < 2:
+        raise ValueError("--num-generations must be at least 2: GRPO compares completions within a group")
+    for key in ("eval_examples", "sample_every"):
+        if s[key] < 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be 0 or more, got {s[key]}")
+    if not s["learning_rate"] > 0 or not math.isfinite(s["learning_rate"]):
+        raise ValueError(f"--learning-rate must be a positive number, got {s['learning_rate']}")
+    if not s["temperature"] > 0 or not math.isfinite(s["temperature"]):
+        raise ValueError(f"--temperature must be above 0, got {s['temperature']}: GRPO learns from the differences "
+                         "between sampled completions, and 0 would make them all the same; 1.0 is usual")
+    s["max_seq_length"] = s["max_prompt_length"] + s["max_completion_length"]  # Unsloth's and vLLM's context
+    if s["batch_size"] is None:
+        s["batch_size"] = s["num_generations"]  # one prompt's group per step: the unambiguous choice
+    per_generation = s["batch_size"] * s["gradient_accumulation_steps"]
+    if s["batch_size"] < 1 or per_generation % s["num_generations"]:
+        raise ValueError(
+            f"--batch-size x --gradient-accumulation-steps = {per_generation} must be a multiple of "
+            f"--num-generations = {s['num_generations']} (each prompt's group of completions is scored "
+            f"together); for example --batch-size {s['num_generations']}"
+        )
+    s["reward_weights"] = parse_reward_spec(s["rewards"])
+    get_agents(s["agents"])  # raises on a bad spec
+    if s["report_to"] not in TRACKERS:
+        raise ValueError(f"--report-to must be one of {REPORT_TO}")
+    packages = TRACKERS[s["report_to"]]
+    if packages and not any(importlib.util.find_spec(p) for p in packages):
+        raise ValueError(f"--report-to {s['report_to']}: the {packages[0]} package is not installed; "
+                         f"pip install {packages[0]}, or leave --report-to at none")
+    if os.path.exists(s["output_dir"]) and not os.path.isdir(s["output_dir"]):
+        raise ValueError(f"--output-dir {s['output_dir']!r} is a file; give the path of a folder for the run")
+    if s["resume"] and s["overwrite"]:
+        raise ValueError("--resume and --overwrite contradict each other; give one")
+    if s["model_name"] == models.DEFAULT_MODEL and not s["smoke"] and models.gpu_capability() is None:
+        raise SystemExit(
+            f"{models.DEFAULT_MODEL} needs a CUDA GPU, so nothing was downloaded: {models.no_gpu_reason()}.\n"
+            "  Check the pipeline on this machine:  " + ("smoke=True in the settings block\n" if in_notebook()
+                                                        else f"python {os.path.basename(sys.argv[0])} --smoke\n") +
+            "  Train for real on a GPU (Colab, Kaggle or a 12-24 GB card), or pick a small --model-name."
+        )
+    return s
+
+
+def check_enough_data(s, n_train, n_held_out, n_prompts):
+    """Refuse, before the model loads, data too small for one GRPO step."""
+    needed = s["batch_size"] * s["gradient_accumulation_steps"] // s["num_generations"]
+    if n_prompts < needed:
+        raise SystemExit(
+            f"too little data to train on: {n_train} training questions ({n_prompts} prompts over the agents) "
+            f"after {n_held_out} held out for the evaluation (--eval-examples {s['eval_examples']}); one GRPO step "
+            f"needs {needed}. Give more rows (--dataset, --max-examples) or lower --eval-examples."
+        )
+
+
+@contextlib.contextmanager
+def bad_input_refused():
+    """The loaders' errors name the file, row or flag and the fix: end the run with that, no traceback."""
+    try:
+        yield
+    except (ValueError, OSError) as e:  # a missing or malformed file, a bad row, an unreachable hub
+        raise SystemExit(str(e)) from None

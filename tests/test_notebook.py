@@ -1,0 +1,91 @@
+"""The kit in a real Jupyter kernel (nbclient + ipykernel), as on Colab or Kaggle, on the smoke settings:
+notebooks/train_gsm8k.ipynb from top to bottom, and each entry script pasted into a cell and edited
+in its settings block. A kernel starts with its own arguments (-f kernel.json), has no __file__ and
+runs the cell as __main__."""
+
+import json
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from conftest import ROOT, SCRIPT_ENV, stats_of
+
+NOTEBOOK = os.path.join(ROOT, "notebooks", "train_gsm8k.ipynb")
+
+
+def execute(notebook, cwd):
+    """Run every cell in a fresh python3 kernel started in ``cwd``; a cell's error fails the test."""
+    client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": cwd}})
+    client.execute(env={**os.environ, **SCRIPT_ENV})
+    return notebook
+
+
+def outputs(cell):
+    """A cell's text streams, joined, and the MIME types of what it displayed."""
+    text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+    shown = {mime for o in cell.outputs if o.output_type == "display_data" for mime in o.data}
+    return text, shown
+
+
+def test_notebook_is_stored_without_outputs():
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    code = [c for c in notebook.cells if c.cell_type == "code"]
+    assert code and all(not c.outputs and c.execution_count is None for c in code)
+
+
+def test_notebook_runs_on_the_smoke_settings(tmp_path):
+    """Without a GPU the notebook takes the smoke settings: install skipped, training with the plot
+    shown inline, the evaluation table, and the merged export."""
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    settings = next(c for c in notebook.cells if "DEFAULTS.update(" in c.source)
+    assert 'output_dir="outputs/gsm8k",' in settings.source
+    run = str(tmp_path / "gsm8k")
+    settings.source = settings.source.replace('output_dir="outputs/gsm8k",', f"output_dir={run!r},")  # as a user edits it
+    execute(notebook, os.path.join(ROOT, "notebooks"))
+
+    train = next(c for c in notebook.cells if "train_gsm8k.main(FLAGS)" in c.source)
+    text, shown = outputs(train)
+    assert "backend: trl (--smoke: tiny offline model on CPU)" in text and "step    4/4 | reward" in text
+    assert "image/png" in shown  # rewards.png, inline
+    evaluation = next(c for c in notebook.cells if "evaluate.main(" in c.source)
+    assert "text/markdown" in outputs(evaluation)[1]
+    table = next(o.data["text/markdown"] for o in evaluation.outputs if o.output_type == "display_data")
+    assert "| majority vote |" in table and "| agent step_by_step |" in table
+    export = next(c for c in notebook.cells if "export.main(" in c.source)
+    assert "model.safetensors" in outputs(export)[0]
+
+    smoke = run + "-smoke"
+    assert [e["step"] for e in stats_of(smoke)] == [1, 2, 3, 4]
+    for name in ("adapter_model.safetensors", "rewards.png", "eval.json", "eval/eval.md", "merged/config.json"):
+        assert os.path.exists(os.path.join(smoke, name)), name
+
+
+@pytest.mark.parametrize("script, output_dir", [
+    ("train_gsm8k.py", 'output_dir="outputs/gsm8k",'),
+    ("train_synthetic.py", 'output_dir="outputs/synthetic",'),
+])
+def test_script_pasted_into_a_cell_runs_its_settings_block(tmp_path, script, output_dir):
+    """The whole script as one cell, its settings block edited (smoke=True, another folder), run from
+    another working folder with only the kit on sys.path: the kernel's own arguments are ignored."""
+    with open(os.path.join(ROOT, script)) as f:
+        source = f.read()
+    assert output_dir in source
+    run = str(tmp_path / "run")
+    source = source.replace(output_dir, f"output_dir={run!r}, smoke=True,")
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(f"import sys\nsys.path.insert(0, {ROOT!r})"),
+        nbformat.v4.new_code_cell(source),
+    ])
+    work = tmp_path / "work"
+    work.mkdir()
+    execute(notebook, str(work))
+
+    text, _ = outputs(notebook.cells[1])
+    assert "step    4/4 | reward" in text and "done in" in text and "quick evaluation on 2 held-out" in text
+    smoke = run + "-smoke"
+    assert [e["step"] for e in stats_of(smoke)] == [1, 2, 3, 4]
+    with open(os.path.join(smoke, "config.json")) as f:
+        assert json.load(f)["settings"]["smoke"] is True
+    assert not os.listdir(work)  # nothing written beside the notebook: the run folder is the one set
