@@ -24,8 +24,9 @@ Quick check of the whole pipeline on a CPU (tiny offline model and the 48 GSM8K 
 gsm8k_sample/, under a minute; --overwrite replaces the previous smoke run, kept aside):
     python train_gsm8k.py --smoke --overwrite
 
-In a notebook: paste this file into a cell beside the kit's modules, edit DEFAULTS, run it
-(the kernel's own arguments are ignored), or see notebooks/train_gsm8k.ipynb.
+In a notebook: paste this file into a cell beside the kit's modules, edit DEFAULTS and run it;
+the kernel's own arguments are ignored. smoke=True in DEFAULTS is --smoke; main(["--resume"])
+in a later cell continues the run (or see notebooks/train_gsm8k.ipynb).
 
 Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.
 Outputs (one run folder): the LoRA adapter and tokenizer, config.json, training_stats.json,
