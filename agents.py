@@ -13,6 +13,11 @@ Two prompt forms:
         then the instruction and the question as the user turn (for instruct models);
   xml   "<instruction>...</instruction><question>...</question><response>", which the model
         closes with "... </response>" (for base models, or the seeds' original form).
+
+Either form can open with worked examples (``examples=N``, the first N of WORKED_EXAMPLES): the
+same instruction on a solved question, answered in the required form. A small model that ignores
+the system prompt's request copies the form from them (SmolLM2-135M: 0% of greedy answers in the
+form without examples, 79% with two; BENCHMARKS.md).
 """
 
 import random
@@ -87,15 +92,40 @@ def get_agents(spec=None):
     return agents
 
 
-def xml_prompt(instruction, question):
+# Solved questions shown before the real one: (question, working, answer).
+WORKED_EXAMPLES = [
+    ("Kai starts the day with 34 marbles. Kai loses 6 marbles. How many marbles does Kai have now?",
+     "34 - 6 = 28", "28"),
+    ("A baker fills 7 trays. Each tray holds 4 muffins. How many muffins does the baker have?",
+     "7 * 4 = 28", "28"),
+    ("Mia has 45 stickers. She shares them equally among 5 friends. How many stickers does each friend get?",
+     "45 / 5 = 9", "9"),
+]
+
+
+def _examples(examples):
+    if not 0 <= examples <= len(WORKED_EXAMPLES):
+        raise ValueError(f"worked examples must be between 0 and {len(WORKED_EXAMPLES)}, got {examples}")
+    return WORKED_EXAMPLES[:examples]
+
+
+def xml_prompt(instruction, question, examples=0):
     """The XML-tag prompt; the model is expected to answer and close with </response>."""
-    return f"<instruction>{instruction}</instruction>\n<question>{question}</question>\n<response>"
+    shown = "".join(f"<instruction>{instruction}</instruction>\n<question>{q}</question>\n"
+                    f"<response>{work}\n#### {answer} {STOP_TAG}\n\n" for q, work, answer in _examples(examples))
+    return f"{shown}<instruction>{instruction}</instruction>\n<question>{question}</question>\n<response>"
 
 
-def chat_prompt(instruction, question, system_prompt=SYSTEM_PROMPT):
-    """Chat messages: the structured-format system prompt, then instruction and question."""
+def chat_prompt(instruction, question, system_prompt=SYSTEM_PROMPT, examples=0):
+    """Chat messages: the structured-format system prompt, any worked examples as earlier turns,
+    then instruction and question."""
+    shown = [turn for q, work, answer in _examples(examples) for turn in (
+        {"role": "user", "content": f"{instruction}\n\n{q}"},
+        {"role": "assistant", "content": f"{REASONING_START}{work}{REASONING_END}{SOLUTION_START}{answer}{SOLUTION_END}"},
+    )]
     return [
         {"role": "system", "content": system_prompt},
+        *shown,
         {"role": "user", "content": f"{instruction}\n\n{question}"},
     ]
 
@@ -103,15 +133,16 @@ def chat_prompt(instruction, question, system_prompt=SYSTEM_PROMPT):
 PROMPT_BUILDERS = {"chat": chat_prompt, "xml": xml_prompt}
 
 
-def build_prompt(instruction, question, style="chat"):
+def build_prompt(instruction, question, style="chat", examples=0):
     if style not in PROMPT_BUILDERS:
         raise ValueError(f"unknown prompt style {style!r}; choose one of {list(PROMPT_BUILDERS)}")
-    return PROMPT_BUILDERS[style](instruction, question)
+    return PROMPT_BUILDERS[style](instruction, question, examples=examples)
 
 
-def expand_agents(dataset, agents=None, sampling="all", seed=0, style="chat"):
+def expand_agents(dataset, agents=None, sampling="all", seed=0, style="chat", examples=0):
     """Add a ``prompt`` and an ``agent`` column: one row per agent ("all"), or one random agent
-    per question ("random"). Works on a datasets.Dataset or a list of dicts with ``question``."""
+    per question ("random"), each prompt opening with ``examples`` worked examples. Works on a
+    datasets.Dataset or a list of dicts with ``question``."""
     agents = get_agents(agents)
     if sampling not in ("all", "random"):
         raise ValueError(f"agent sampling must be 'all' or 'random', got {sampling!r}")
@@ -121,7 +152,7 @@ def expand_agents(dataset, agents=None, sampling="all", seed=0, style="chat"):
     def expand(row):
         chosen = names if sampling == "all" else [rng.choice(names)]
         return [
-            {**row, "prompt": build_prompt(agents[n], row["question"], style), "agent": n}
+            {**row, "prompt": build_prompt(agents[n], row["question"], style, examples), "agent": n}
             for n in chosen
         ]
 

@@ -133,9 +133,9 @@ def load_questions(dataset, split, n, calibration_n, seed):
     return rows[:n], rows[n : n + calibration_n]
 
 
-def render(tokenizer, instruction, question, style):
+def render(tokenizer, instruction, question, style, examples=0):
     """The prompt text the model sees: the chat template applied, or the xml form after any BOS."""
-    prompt = build_prompt(instruction, question, style)
+    prompt = build_prompt(instruction, question, style, examples)
     if style == "chat":
         return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return (tokenizer.bos_token or "") + prompt
@@ -289,11 +289,11 @@ def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max
     return summary
 
 
-def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens):
+def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens, examples=0):
     """Greedy answers of the first agent on held-out rows, generated and graded as evaluate() does
     (rewards.extract_answer and is_correct): accuracy and format compliance."""
     instruction = next(iter(get_agents(agents).values()))
-    prompts = [render(tokenizer, instruction, r["question"], style) for r in rows]
+    prompts = [render(tokenizer, instruction, r["question"], style, examples) for r in rows]
     answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=8, stop=STOPS[style])
     records = [{"question": r["question"], "gold": r["answer"], **grade(text, r["answer"], style, tokens)}
                for r, [(text, tokens)] in zip(rows, answers)]

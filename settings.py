@@ -20,7 +20,7 @@ import os
 import sys
 
 import models
-from agents import get_agents
+from agents import WORKED_EXAMPLES, get_agents
 from rewards import GSM8K_REWARD_WEIGHTS, get_reward_funcs
 
 CONFIG_FILE = "config.json"  # in the run folder: the resolved settings, which --resume reads back
@@ -43,6 +43,7 @@ COMMON_DEFAULTS = dict(
     save_gguf=None,
     skip_evaluation=False,
     eval_examples=8,          # held-out questions for the quick evaluation after training
+    worked_examples=0,        # solved questions shown before each one: how a small model learns the format
     report_to="none",         # trackers are opt-in
     project_name="grpo-math",
     sample_every=10,          # print a sample completion every N steps
@@ -89,6 +90,8 @@ def build_parser(description, defaults, extra_args=None):
     add(d, "--agents", "agent set (core, strategies, personas), a count, or instructions split by '|'", type=str)
     add(d, "--agent-sampling", "'all': every question once per agent; 'random': one agent per question", choices=["all", "random"])
     add(d, "--prompt-style", "chat (structured <SOLUTION> format) or xml (answer closed by </response>)", choices=["chat", "xml"])
+    add(d, "--worked-examples", f"solved questions (agents.WORKED_EXAMPLES) shown in the required form before each "
+        f"question, 0 to {len(WORKED_EXAMPLES)}; 2 lets a model under 1B that ignores the system prompt use the format", type=int)
     o = p.add_argument_group("outputs")
     add(o, "--output-dir", "run folder; refused if it exists, unless --resume or --overwrite", type=str)
     add(o, "--resume", "continue from the newest complete checkpoint in --output-dir, with its saved settings; "
@@ -180,6 +183,8 @@ def validate(s):
     for key in ("eval_examples", "sample_every"):
         if s[key] < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be 0 or more, got {s[key]}")
+    if not 0 <= s["worked_examples"] <= len(WORKED_EXAMPLES):
+        raise ValueError(f"--worked-examples must be between 0 and {len(WORKED_EXAMPLES)}, got {s['worked_examples']}")
     if not s["learning_rate"] > 0 or not math.isfinite(s["learning_rate"]):
         raise ValueError(f"--learning-rate must be a positive number, got {s['learning_rate']}")
     if not s["temperature"] > 0 or not math.isfinite(s["temperature"]):

@@ -155,7 +155,8 @@ def main(argv=None):
     eval_rows, train_rows = rows[: s["eval_examples"]], rows[s["eval_examples"]:]
 
     # 3. The agents' prompts: each question once per agent, each agent an instruction variant.
-    prompts = expand_agents(train_rows, s["agents"], s["agent_sampling"], s["seed"], style=s["prompt_style"])
+    prompts = expand_agents(train_rows, s["agents"], s["agent_sampling"], s["seed"], style=s["prompt_style"],
+                            examples=s["worked_examples"])
     dataset = Dataset.from_list(prompts)
     check_enough_data(s, len(train_rows), len(eval_rows), len(dataset))
 
@@ -198,7 +199,8 @@ def main(argv=None):
         # 9. A quick evaluation on the held-out questions, greedy, graded as evaluate.py grades.
         if eval_rows and not s["skip_evaluation"]:
             model = models.for_inference(model, backend)
-            result = quick_eval(model, tokenizer, eval_rows, s["agents"], s["prompt_style"], s["max_completion_length"])
+            result = quick_eval(model, tokenizer, eval_rows, s["agents"], s["prompt_style"], s["max_completion_length"],
+                                examples=s["worked_examples"])
             runs.write_json_atomic(os.path.join(s["output_dir"], "eval.json"), result)
             print(f"quick evaluation on {result['n']} held-out questions: accuracy {result['accuracy']:.3f}, "
                   f"format compliance {result['format_compliance']:.3f}")
