@@ -11,6 +11,7 @@ from datasets import Dataset
 from agents import (
     AGENT_SETS,
     SYSTEM_PROMPT,
+    WORKED_EXAMPLES,
     aggregate_hidden_states,
     build_prompt,
     chat_prompt,
@@ -105,6 +106,33 @@ def test_build_prompt_styles():
     assert build_prompt("i", "q") == chat_prompt("i", "q")  # chat is the default
     with pytest.raises(ValueError, match="unknown prompt style 'yaml'"):
         build_prompt("i", "q", "yaml")
+
+
+def test_worked_examples_open_the_chat_prompt_in_the_required_form():
+    messages = chat_prompt("Be brief.", "What is 2 + 2?", examples=2)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant", "user"]
+    (q1, work1, a1), (q2, _, a2) = WORKED_EXAMPLES[:2]
+    assert messages[1]["content"] == f"Be brief.\n\n{q1}"  # the agent's own instruction on the example
+    shown = messages[2]["content"]
+    assert shown == f"{REASONING_START}{work1}{REASONING_END}{SOLUTION_START}{a1}{SOLUTION_END}"
+    assert extract_answer(shown) == a1 and extract_answer(messages[4]["content"]) == a2
+    assert messages[-1]["content"] == "Be brief.\n\nWhat is 2 + 2?"  # the real question comes last
+    assert chat_prompt("i", "q", examples=0) == chat_prompt("i", "q")
+
+
+def test_worked_examples_open_the_xml_prompt_closed():
+    prompt = xml_prompt("Be brief.", "What is 2 + 2?", examples=1)
+    assert prompt.endswith(xml_prompt("Be brief.", "What is 2 + 2?"))
+    shown = prompt[: -len(xml_prompt("Be brief.", "What is 2 + 2?"))]
+    assert WORKED_EXAMPLES[0][0] in shown and shown.count(STOP_TAG) == 1  # the example's response is closed
+    assert extract_answer(shown.split("<response>")[1]) == WORKED_EXAMPLES[0][2]
+
+
+def test_worked_examples_reach_every_agent_prompt_and_are_bounded():
+    out = expand_agents(QUESTIONS[:1], "core", style="chat", examples=1)
+    assert all(len(r["prompt"]) == 4 for r in out)  # system, example question, example answer, question
+    with pytest.raises(ValueError, match=f"between 0 and {len(WORKED_EXAMPLES)}, got 9"):
+        build_prompt("i", "q", examples=9)
 
 
 # ---------------------------------------------------------------------------- expand_agents
