@@ -1,4 +1,5 @@
-"""Evaluate a model, or its GRPO-trained LoRA adapter against it, on GSM8K with several agents.
+"""Evaluate a model, or its GRPO-trained LoRA adapter against it, on GSM8K (or generated problems) with
+several agents.
 
 Each question is asked once per agent (an instruction variant of one prompt, see agents.py). The
 answers are scored one by one and pooled:
@@ -15,6 +16,17 @@ answers are scored one by one and pooled:
   consistency    the mean over questions of the agents' pairwise agreement (agents.consistency)
   pass@k         with --samples k >= 2 (sampled at --temperature): Chen et al.'s unbiased
                  estimator per agent, averaged over agents
+  matched        with --matched-compute (scoring.py): the K agents' vote, one completion each,
+  compute        against the best agent's vote over K completions (both sampled at --temperature:
+                 the same K completions per question) and its one greedy answer
+  perplexity     of the reference solutions (cot and answer in the answer form) after the first
+                 agent's prompt, solution tokens only; --no-perplexity skips it
+
+Accuracies in eval.md come with a Wilson 95% interval (intervals.py). --worked-examples N opens
+every prompt (agents, ensemble, perplexity) with N solved questions. --dataset synthetic:easy (or
+medium, hard) scores data.synthetic_problems(n + calibration_n, level, seed=--seed) in place of
+GSM8K: train_synthetic.py by default trains on seed 3407 and holds out 3408, so --seed 3407 would
+score its training problems; the default seed 0 draws others (a one-step one may recur by chance).
 
 Every answer is graded with rewards.is_correct, the function the training reward uses.
 
@@ -25,11 +37,15 @@ Every answer is graded with rewards.is_correct, the function the training reward
         --max-new-tokens 128 --out /tmp/eval-smollm2
     # pass@4: four sampled completions per agent and question
     python evaluate.py --model-name Qwen/Qwen2.5-1.5B-Instruct --samples 4 --temperature 0.7
+    # a train_synthetic.py run on held-out problems, against one prompt given the same compute
+    python evaluate.py --model-name Qwen/Qwen2.5-1.5B-Instruct --adapter outputs/synthetic --compare-base \\
+        --dataset synthetic:easy --worked-examples 2 --matched-compute
 
 Writes eval.json (every figure and a record per question), eval.md (tables) and eval.png (a bar
 chart) to --out; report.py builds and writes them. Timings are wall-clock seconds per question:
 each agent's own generation (batched across questions); the votes reuse every agent's generation,
-so their time is the sum; the ensemble decodes one question at a time. Generation is plain
+so their time is the sum; the ensemble decodes one question at a time; each matched-compute method
+counts its own generation (the greedy best agent's is that agent's). Generation is plain
 transformers (model.generate); there is no vLLM path here.
 
 quick_eval is the training scripts' smaller check of a run: the first agent's greedy answers on
@@ -38,7 +54,6 @@ held-out rows, graded the same way, with no votes and no ensemble.
 
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -47,12 +62,13 @@ import time
 import torch
 
 from agents import _ensemble_ids  # ensemble_generate's loop, which also returns the token ids
-from agents import build_prompt, consistency, get_agents, majority_vote
-from data import GSM8K_HUB_ID, load_gsm8k
+from agents import WORKED_EXAMPLES, build_prompt, get_agents
+from data import GSM8K_HUB_ID, load_gsm8k, synthetic_problems
 from hub import HubUnavailable
 from models import check_source, load_adapter, load_pretrained
 from report import compare, write_reports
 from rewards import SOLUTION_END, SOLUTION_START, STOP_TAG, extract_answer, is_correct
+from scoring import agent_accuracy, reference_perplexity, run_matched, score
 
 # Generation stops once the answer is closed: nothing after it is graded.
 STOPS = {"chat": (SOLUTION_END,), "xml": (STOP_TAG,)}
@@ -70,7 +86,8 @@ def parse_args(argv=None):
                    help="also evaluate the model without --adapter and report both side by side")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=GSM8K_HUB_ID,
-                   help="hub id, a GSM8K .jsonl/.json/.parquet file, or a folder holding <split>.jsonl")
+                   help="hub id, a GSM8K .jsonl/.json/.parquet file, a folder holding <split>.jsonl, or "
+                        "synthetic:easy|medium|hard (generated with --seed; 3407 repeats train_synthetic.py's)")
     g.add_argument("--split", default="test", help="split to read (a folder's <split>.jsonl)")
     g.add_argument("--n", type=int, default=200, help="questions scored, a seeded random sample of the split")
     g.add_argument("--calibration-n", type=int, default=20,
@@ -85,8 +102,14 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call; lower it if out of memory")
     g.add_argument("--samples", type=int, default=1,
                    help="completions per agent and question; k >= 2 samples them and reports pass@k")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature with --samples >= 2")
+    g.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature with --samples >= 2 and --matched-compute")
     g.add_argument("--no-ensemble", action="store_true", help="skip the hidden-state ensemble")
+    g.add_argument("--worked-examples", type=int, default=0,
+                   help=f"solved questions (0 to {len(WORKED_EXAMPLES)}, agents.WORKED_EXAMPLES) opening every prompt")
+    g.add_argument("--matched-compute", action="store_true", help="also the K agents' vote against the "
+                   "best agent's K samples (both at --temperature) and its greedy answer (scoring.py)")
+    g.add_argument("--no-perplexity", action="store_true", help="skip the perplexity of the reference solutions")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="output folder (default: <adapter>/eval, else eval-<model name>)")
     g.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
@@ -99,6 +122,16 @@ def parse_args(argv=None):
         p.error(f"--calibration-n must be 0 or more, got {args.calibration_n}")
     if args.samples > 1 and args.temperature <= 0:
         p.error("--samples >= 2 needs --temperature > 0: greedy samples would all be the same")
+    if not 0 <= args.worked_examples <= len(WORKED_EXAMPLES):
+        p.error(f"--worked-examples must be between 0 and {len(WORKED_EXAMPLES)}, got {args.worked_examples}")
+    if args.matched_compute and (args.temperature <= 0 or args.samples > 1):
+        p.error("--matched-compute samples at --temperature and reuses the agents' greedy answers: "
+                "give --temperature > 0 and leave --samples at 1")
+    if args.dataset.startswith("synthetic:"):
+        try:
+            synthetic_problems(1, args.dataset.split(":", 1)[1])
+        except ValueError as e:
+            p.error(f"--dataset {args.dataset}: {e}; e.g. --dataset synthetic:easy")
     if args.compare_base and not args.adapter:
         p.error("--compare-base compares the model with and without an adapter: pass --adapter RUN_DIR too")
     if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
@@ -108,6 +141,8 @@ def parse_args(argv=None):
         args.agent_dict = get_agents(args.agents)
     except ValueError as e:
         p.error(f"--agents: {e}")
+    if args.matched_compute and len(args.agent_dict) < 2:
+        p.error("--matched-compute pits K agents against one agent's K samples: give --agents 2 or more")
     if args.out is None:
         args.out = os.path.join(args.adapter, "eval") if args.adapter else \
             "eval-" + os.path.basename(os.path.normpath(args.model_name))
@@ -119,7 +154,11 @@ def parse_args(argv=None):
 
 
 def load_questions(dataset, split, n, calibration_n, seed):
-    """(scored, calibration): disjoint slices of one seeded shuffle of the split."""
+    """(scored, calibration): disjoint slices of one seeded shuffle of the split, or of
+    synthetic_problems(n + calibration_n, level, seed) for "synthetic:level"; rows keep their cot."""
+    if dataset.startswith("synthetic:"):
+        rows = synthetic_problems(n + calibration_n, dataset.split(":", 1)[1], seed=seed).to_list()
+        return rows[:n], rows[n:]
     try:
         rows = load_gsm8k(dataset, split).to_list()
     except HubUnavailable as e:
@@ -184,91 +223,40 @@ def grade(text, gold, style, tokens):
             "strict_answer": strict, "strict_correct": strict is not None and is_correct(strict, gold)}
 
 
-def pass_at_k(n, c, k):
-    """1 - C(n-c, k) / C(n, k): the chance that k of n samples, c of them right, hold a right one."""
-    if not (0 <= c <= n and 1 <= k <= n):
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
-
-
-def _mean(values):
-    values = list(values)
-    return sum(values) / len(values) if values else None
-
-
-def _completion_stats(graded):
-    return {"accuracy": _mean(g["correct"] for g in graded),
-            "strict_accuracy": _mean(g["strict_correct"] for g in graded),
-            "format_rate": _mean(g["strict_answer"] is not None for g in graded),
-            "mean_tokens": _mean(g["tokens"] for g in graded)}
-
-
-def score(records, weights=None):
-    """Every figure from graded records, one per question: {gold, agents: {name: [graded samples]},
-    ensemble: graded or None}. Adds each record's vote, weighted vote and consistency in place."""
-    names = list(records[0]["agents"])
-    k = len(records[0]["agents"][names[0]])
-    vote_weights = [weights[name] for name in names for _ in range(k)] if weights else None
-    if vote_weights and sum(vote_weights) <= 0:
-        vote_weights = None  # no agent was right on the calibration slice: count votes equally
-    for r in records:
-        answers = [s["answer"] for name in names for s in r["agents"][name]]  # every sample votes
-        vote = majority_vote(answers)
-        r["vote"] = {"answer": vote, "correct": is_correct(vote, r["gold"])}
-        if weights:
-            vote = majority_vote(answers, vote_weights)
-            r["weighted_vote"] = {"answer": vote, "correct": is_correct(vote, r["gold"])}
-        r["consistency"] = consistency(answers)
-    agents = {name: _completion_stats([s for r in records for s in r["agents"][name]]) for name in names}
-    ks = sorted({1, k} | {2**i for i in range(k.bit_length()) if 2**i <= k}) if k > 1 else []
-    for name in names:
-        counts = [sum(s["correct"] for s in r["agents"][name]) for r in records]
-        agents[name]["pass_at_k"] = {str(j): _mean(pass_at_k(k, c, j) for c in counts) for j in ks} or None
-    best = max(names, key=lambda a: agents[a]["accuracy"])
-    ensembled = [r["ensemble"] for r in records if r.get("ensemble")]
-    return {
-        "n": len(records),
-        "agents": agents,
-        "best_agent": best,
-        "best_agent_accuracy": agents[best]["accuracy"],
-        "majority_vote": {"accuracy": _mean(r["vote"]["correct"] for r in records)},
-        "weighted_vote": {"accuracy": _mean(r["weighted_vote"]["correct"] for r in records), "weights": weights,
-                          "equal_weights_fallback": vote_weights is None} if weights else None,
-        "ensemble": _completion_stats(ensembled) if ensembled else None,
-        "consistency": _mean(r["consistency"] for r in records),
-        "pass_at_k": {str(j): _mean(agents[a]["pass_at_k"][str(j)] for a in names) for j in ks} or None,
-    }
-
-
-def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max_new_tokens=256,
-             batch_size=16, samples=1, temperature=0.0, seed=0, ensemble=True):
-    """Generate, grade, vote and ensemble on ``questions``; weights come from ``calibration`` only."""
+def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max_new_tokens=256, batch_size=16,
+             samples=1, temperature=0.0, seed=0, ensemble=True, examples=0, matched_compute=False, perplexity=True):
+    """Generate, grade, vote and ensemble on ``questions``; weights come from ``calibration`` only.
+    Then the matched-compute baselines and the reference solutions' perplexity (scoring.py)."""
     stop = STOPS[style]
+
+    def ask(rows, instruction, k, temperature, seed):
+        """Every row's k graded completions from one agent, and the seconds they took."""
+        prompts = [render(tokenizer, instruction, r["question"], style, examples) for r in rows]
+        start = time.perf_counter()
+        outs = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, k, temperature, stop, seed)
+        seconds = time.perf_counter() - start
+        return [[grade(text, r["answer"], style, length) for text, length in o] for r, o in zip(rows, outs)], seconds
 
     def run_agents(rows, what):
         records = [{"question": r["question"], "gold": r["answer"], "agents": {}} for r in rows]
         seconds = {}
         for name, instruction in agents.items():
-            prompts = [render(tokenizer, instruction, r["question"], style) for r in rows]
-            start = time.perf_counter()
-            texts = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, samples,
-                                     temperature if samples > 1 else 0.0, stop, seed)
-            seconds[name] = time.perf_counter() - start
-            for rec, outs in zip(records, texts):
-                rec["agents"][name] = [grade(text, rec["gold"], style, length) for text, length in outs]
+            graded, seconds[name] = ask(rows, instruction, samples, temperature if samples > 1 else 0.0, seed)
+            for rec, g in zip(records, graded):
+                rec["agents"][name] = g
             print(f"{what}: agent {name}: {len(rows)} questions in {seconds[name]:.1f}s", flush=True)
         return records, seconds
 
-    weights, calibration_s = None, 0.0
+    weights, calibration_s, cal_records = None, 0.0, []
     if calibration:
         cal_records, cal_seconds = run_agents(calibration, "calibration")
         calibration_s = sum(cal_seconds.values())
-        weights = {name: _mean(s["correct"] for r in cal_records for s in r["agents"][name]) for name in agents}
+        weights = agent_accuracy(cal_records)
     records, seconds = run_agents(questions, "scored")
     ensemble_s = 0.0
     if ensemble:
         for i, rec in enumerate(records, 1):
-            prompts = [render(tokenizer, ins, rec["question"], style) for ins in agents.values()]
+            prompts = [render(tokenizer, ins, rec["question"], style, examples) for ins in agents.values()]
             start = time.perf_counter()
             ids, text = _ensemble_ids(model, tokenizer, prompts, max_new_tokens, stop=stop)  # greedy
             ensemble_s += time.perf_counter() - start
@@ -284,6 +272,17 @@ def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max
             summary[key]["seconds_per_question"] = sum(seconds.values()) / n
     if summary["ensemble"]:
         summary["ensemble"]["seconds_per_question"] = ensemble_s / n
+    def ask_scored(instruction, k, temperature, seed):
+        graded, spent = ask(questions, instruction, k, temperature, seed)
+        print(f"matched compute: {k} sample(s) of {instruction!r}: {n} questions in {spent:.1f}s", flush=True)
+        return graded, spent
+
+    summary["matched_compute"] = run_matched(ask_scored, records, cal_records, agents, temperature, seed,
+                                             seconds) if matched_compute else None
+    first = next(iter(agents.values()))  # the perplexity is taken after the first agent's prompt
+    summary["reference_perplexity"] = reference_perplexity(
+        model, tokenizer, questions, records, lambda q: render(tokenizer, first, q, style, examples), style,
+        batch_size) if perplexity else None
     summary["calibration"] = {"n": len(calibration), "seconds": calibration_s, "accuracy": weights}
     summary["questions"] = records
     return summary
@@ -317,7 +316,9 @@ def main(argv=None):
     if args.prompt_style == "chat" and not tokenizer.chat_template:
         raise SystemExit(f"{args.model_name} has no chat template; pass --prompt-style xml")
     settings = dict(style=args.prompt_style, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                    samples=args.samples, temperature=args.temperature, seed=args.seed, ensemble=not args.no_ensemble)
+                    samples=args.samples, temperature=args.temperature, seed=args.seed, ensemble=not args.no_ensemble,
+                    examples=args.worked_examples, matched_compute=args.matched_compute,
+                    perplexity=not args.no_perplexity)
     runs = {}
     if not args.adapter or args.compare_base:
         runs["base"] = evaluate(model, tokenizer, questions, calibration, args.agent_dict, **settings)

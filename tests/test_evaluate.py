@@ -1,6 +1,7 @@
 """evaluate.py: grading, votes, consistency and pass@k on hand-built answers, report.py's tables on
 them, then the script end to end on a tiny saved model, a tiny LoRA adapter and a small GSM8K-format
-file, and quick_eval on the same model."""
+file (with the matched-compute baselines, worked examples and the reference perplexity), on generated
+problems, and quick_eval on the same model."""
 
 import itertools
 import json
@@ -13,7 +14,9 @@ import torch
 
 import evaluate
 import report
-from agents import get_agents
+import scoring
+from agents import WORKED_EXAMPLES, get_agents
+from data import synthetic_problems
 from models import add_lora, tiny_model_and_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,13 +128,13 @@ def brute_pass_at_k(n, c, k):
 def test_pass_at_k_matches_brute_force(n):
     for c in range(n + 1):
         for k in range(1, n + 1):
-            assert evaluate.pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k)), (n, c, k)
+            assert scoring.pass_at_k(n, c, k) == pytest.approx(brute_pass_at_k(n, c, k)), (n, c, k)
 
 
 @pytest.mark.parametrize("n, c, k", [(3, 4, 1), (3, 1, 0), (3, 1, 4), (3, -1, 1)])
 def test_pass_at_k_refuses_impossible_counts(n, c, k):
     with pytest.raises(ValueError, match="pass@k needs"):
-        evaluate.pass_at_k(n, c, k)
+        scoring.pass_at_k(n, c, k)
 
 
 # ---------------------------------------------------------------------------- reports
@@ -159,8 +162,30 @@ def test_compare_and_markdown():
     text = report.markdown({"config": config, "runs": {"base": base, "trained": trained}, "comparison": cmp})
     assert text.startswith("# Evaluation of m + run\n")
     assert "| weighted vote | 50.0% | 75.0% | +25.0 pts |" in text
-    assert "| agent c | 25.0% | 0.0% | 75.0% | 10 | 0.50 |" in text  # c's strict misses q2, its format q3
+    # c's strict misses q2, its format q3; 1 right of 4 has the Wilson interval [4.6%, 69.9%]
+    assert "| agent c | 25.0% | [4.6%, 69.9%] | 0.0% | 75.0% | 10 | 0.50 |" in text
+    assert "| weighted vote | 75.0% | [30.1%, 95.4%] | - | - | - | 0.50 |" in text
     assert "Vote weights (calibration accuracy): a 100.0%, b 25.0%, c 25.0%." in text
+
+
+def test_markdown_of_matched_compute():
+    s = fake_summary({"a": 1.0, "b": 1.0, "c": 1.0})
+    method = {"accuracy": 0.5, "low": 0.15, "high": 0.85, "correct": 2, "n": 4, "completions_per_question": 3,
+              "samples_generated": 12, "seconds_per_question": 1.5}
+    s["matched_compute"] = {"k": 3, "best_agent": "a", "picked_on": "scored", "pick_accuracy": {"a": 0.5, "b": 0.5},
+                            "methods": {m: dict(method) for m in scoring.METHODS}}
+    s["matched_compute"]["methods"]["best_agent_greedy"]["completions_per_question"] = 1
+    config = {"model_name": "m", "adapter": None, "n": 4, "dataset": "synthetic:hard", "split": "test", "seed": 0,
+              "agents": {"a": "", "b": "", "c": ""}, "prompt_style": "xml", "samples": 1, "max_new_tokens": 8,
+              "calibration_n": 0, "temperature": 0.7, "worked_examples": 0}
+    text = report.markdown({"config": config, "runs": {"base": s}, "comparison": None})
+    assert "4 questions from synthetic:hard (seed 0), 3 agents, xml prompts, 1 sample(s)" in text  # no split
+    assert "### Matched compute (K = 3 completions per question)" in text
+    assert "| 3 agents x 1 sample, vote | 3 | 50.0% | [15.0%, 85.0%] | 1.50 |" in text
+    assert "| best agent x 3 samples, vote | 3 |" in text and "| best agent, greedy | 1 |" in text
+    assert ("The best agent, a, was picked on the scored questions themselves (a 50.0%, b 50.0%), so its rows are "
+            "optimistic: pass --calibration-n to pick it on other questions. Every agent tied, so the first listed "
+            "was taken.") in text
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -193,7 +218,7 @@ def run_script(*args):
 
 
 SUMMARY_KEYS = {"n", "agents", "best_agent", "best_agent_accuracy", "majority_vote", "weighted_vote", "ensemble",
-                "consistency", "pass_at_k", "calibration", "questions"}
+                "consistency", "pass_at_k", "matched_compute", "reference_perplexity", "calibration", "questions"}
 AGENT_KEYS = {"accuracy", "strict_accuracy", "format_rate", "mean_tokens", "seconds_per_question", "pass_at_k"}
 
 
@@ -210,6 +235,8 @@ def check_run(s, n, agents):
     assert {"question", "gold", "agents", "vote", "weighted_vote", "ensemble", "consistency"} <= set(q)
     assert {"completion", "answer", "correct", "strict_answer", "strict_correct", "tokens"} <= set(q["agents"][agents[0]][0])
     assert 0 < q["ensemble"]["tokens"] <= 6
+    assert s["reference_perplexity"]["n"] == n and s["reference_perplexity"]["perplexity"] > 1
+    assert q["reference_nll"]["tokens"] > 0
 
 
 def test_end_to_end_base_model(saved, tmp_path):
@@ -271,11 +298,110 @@ def test_existing_out_folder_is_refused(saved, tmp_path, capsys):
     (["--samples", "2", "--temperature", "0"], "needs --temperature > 0"),
     (["--compare-base"], "pass --adapter"),
     (["--agents", "nonsense"], "unknown agent set"),
+    (["--dataset", "synthetic:extreme"], "--dataset synthetic:extreme: difficulty must be one of ['easy', 'medium'"),
+    (["--worked-examples", "9"], "--worked-examples must be between 0 and 3, got 9"),
+    (["--worked-examples", "-1"], "--worked-examples must be between 0 and 3, got -1"),
+    (["--matched-compute", "--temperature", "0"], "give --temperature > 0"),   # its votes need samples that differ
+    (["--matched-compute", "--samples", "2"], "leave --samples at 1"),        # it reuses the greedy answers
+    (["--matched-compute", "--agents", "1"], "give --agents 2 or more"),
 ])
 def test_bad_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--model-name", "m", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_matched_compute_and_perplexity_end_to_end(saved, tmp_path):
+    # base and trained, each with the three matched-compute methods (K = 2 agents) and the reference
+    # perplexity, in eval.json, in each run's eval.md table and in the comparison
+    out = tmp_path / "out"
+    evaluate.main(["--model-name", saved["model"], "--adapter", saved["run"], "--compare-base", "--dataset", saved["data"],
+                   "--n", "3", "--calibration-n", "1", "--agents", "2", "--max-new-tokens", "4", "--no-ensemble",
+                   "--matched-compute", "--temperature", "1.0", "--worked-examples", "2", "--out", str(out)])
+    result = json.loads((out / "eval.json").read_text())
+    assert result["config"]["worked_examples"] == 2 and result["config"]["matched_compute"] is True
+    for s in result["runs"].values():
+        m = s["matched_compute"]
+        assert (m["k"], m["picked_on"]) == (2, "calibration") and m["best_agent"] in s["agents"]
+        assert list(m["methods"]) == ["agents_vote", "self_consistency", "best_agent_greedy"]
+        for v in m["methods"].values():
+            assert v["n"] == 3 and v["low"] <= v["accuracy"] <= v["high"]
+        assert [v["samples_generated"] for v in m["methods"].values()] == [6, 6, 3]
+        # the greedy method is the best agent's per-agent run, not generated again
+        assert m["methods"]["best_agent_greedy"]["accuracy"] == s["agents"][m["best_agent"]]["accuracy"]
+        assert all(len(q["matched_compute"]["self_consistency"]["samples"]) == 2 for q in s["questions"])
+        assert s["reference_perplexity"]["n"] == 3 and s["reference_perplexity"]["perplexity"] > 1
+    base, trained = result["runs"]["base"], result["runs"]["trained"]
+    assert base["reference_perplexity"]["perplexity"] != trained["reference_perplexity"]["perplexity"]
+    cmp = result["comparison"]
+    assert {"matched: 2 agents x 1 sample, vote", "matched: best agent x 2 samples, vote",
+            "matched: best agent, greedy", "reference perplexity"} <= set(cmp)
+    assert cmp["reference perplexity"]["base"] == base["reference_perplexity"]["perplexity"]
+    text = (out / "eval.md").read_text()
+    assert text.count("### Matched compute (K = 2 completions per question)") == 2
+    assert "| 2 agents x 1 sample, vote | 2 |" in text and "| best agent, greedy | 1 |" in text
+    assert "was picked on the calibration slice" in text and "with 2 worked example(s)" in text
+    assert "| reference perplexity |" in text and "Perplexity of the reference solutions" in text
+
+
+def test_matched_compute_without_a_calibration_slice_says_the_pick_is_optimistic(saved, tmp_path):
+    out = tmp_path / "out"
+    evaluate.main(["--model-name", saved["model"], "--dataset", saved["data"], "--n", "2", "--calibration-n", "0",
+                   "--agents", "2", "--max-new-tokens", "3", "--no-ensemble", "--no-perplexity",
+                   "--matched-compute", "--out", str(out)])
+    s = json.loads((out / "eval.json").read_text())["runs"]["base"]
+    assert s["matched_compute"]["picked_on"] == "scored" and s["reference_perplexity"] is None
+    assert s["matched_compute"]["best_agent"] == s["best_agent"]
+    assert "so its rows are optimistic" in (out / "eval.md").read_text()
+
+
+def test_synthetic_dataset_scores_generated_problems(saved, tmp_path):
+    # --dataset synthetic:easy: synthetic_problems(n + calibration_n, "easy", seed=--seed), the first n scored
+    out = tmp_path / "out"
+    evaluate.main(["--model-name", saved["model"], "--dataset", "synthetic:easy", "--n", "3", "--calibration-n", "1",
+                   "--seed", "5", "--agents", "2", "--max-new-tokens", "3", "--no-ensemble", "--prompt-style", "xml",
+                   "--out", str(out)])
+    result = json.loads((out / "eval.json").read_text())
+    s = result["runs"]["base"]
+    expected = synthetic_problems(4, "easy", seed=5).to_list()
+    assert [(q["question"], q["gold"]) for q in s["questions"]] == [(r["question"], r["answer"]) for r in expected[:3]]
+    assert s["calibration"]["n"] == 1 and s["reference_perplexity"]["n"] == 3  # generated rows have a cot
+    assert "3 questions from synthetic:easy (seed 5)" in (out / "eval.md").read_text()
+
+
+def test_worked_examples_reach_every_prompt(saved, monkeypatch):
+    # the agents', the ensemble's, the matched-compute methods' and the perplexity's prompts all open
+    # with the first two worked examples, and only with --worked-examples
+    seen = []
+
+    def spy(function, index):
+        def wrapped(*args, **kwargs):
+            seen.extend(args[index])
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(evaluate, "generate_answers", spy(evaluate.generate_answers, 2))
+    monkeypatch.setattr(evaluate, "_ensemble_ids", spy(evaluate._ensemble_ids, 2))
+    monkeypatch.setattr(scoring, "reference_nll", spy(scoring.reference_nll, 2))
+    model, tok = saved["peft_model"].eval(), saved["tokenizer"]
+    rows = evaluate.load_questions(saved["data"], "test", 2, 1, seed=0)
+    agents = {"a": "Solve.", "b": "Be brief."}
+    for examples in (0, 2):
+        seen.clear()
+        evaluate.evaluate(model, tok, *rows, agents, max_new_tokens=2, temperature=1.0, examples=examples,
+                          matched_compute=True)
+        # calibration 2 agents x 1 + scored 2 x 2, ensemble 2 x 2, matched 2 x 2 + 1 x 2, perplexity 2
+        assert len(seen) == 2 + 4 + 4 + 6 + 2
+        assert all((WORKED_EXAMPLES[1][0] in p) == (examples == 2) for p in seen)
+        assert not any(WORKED_EXAMPLES[2][0] in p for p in seen)
+    assert WORKED_EXAMPLES[0][0] in evaluate.render(tok, "Solve.", "q", "xml", examples=2)
+
+
+def test_questions_keep_their_reference_solution(saved, gsm8k_dir):
+    scored, _ = evaluate.load_questions(saved["data"], "test", 6, 0, seed=0)
+    assert {(r["cot"], r["answer"]) for r in scored} >= {("4 + 3 = 7", "7")}  # the <<...>> annotation removed
+    real, calibration = evaluate.load_questions(gsm8k_dir, "test", 3, 2, seed=0)
+    assert all(r["cot"] and r["answer"] for r in real + calibration)
 
 
 def test_scored_and_calibration_questions_are_disjoint(saved):
