@@ -3,6 +3,8 @@
     per-agent rewards  each agent's mean reward is logged as agents/<name>/reward, beside TRL's
                        rewards/<name>/mean, reward, reward_std and frac_reward_zero_std
     a sample           the last completion of each step, for the progress line's sample
+    extra_logs         metrics that join the next log, and so the trackers: the held-out
+                       evaluation of held_out.py
     stop strings       the XML prompt form ends its answer at </response>: vLLM stops there through
                        its SamplingParams, transformers' generate() through stop_strings
                        (stop_at(): the GRPOConfig arguments for either)
@@ -30,6 +32,7 @@ def make_trainer_class():
             self.kit_reward_weights = reward_weights
             self.agent_rewards = defaultdict(list)
             self.last_sample = None
+            self.extra_logs = {}  # added to the next log (held_out.Evaluation puts its results here)
             if stop_strings and not getattr(self, "use_vllm", False):
                 # transformers' generate() needs the tokenizer to match stop strings; TRL doesn't pass it.
                 generate, tokenizer = self.model.generate, self.processing_class
@@ -59,6 +62,8 @@ def make_trainer_class():
                 for agent, values in sorted(self.agent_rewards.items()):
                     logs[f"agents/{agent}/reward"] = sum(values) / len(values)
                 self.agent_rewards.clear()
+            logs.update(self.extra_logs)
+            self.extra_logs.clear()
             super().log(logs, start_time)
 
     return KitGRPOTrainer

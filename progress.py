@@ -1,17 +1,29 @@
 """What the user sees while a run trains, and what it leaves if it stops early.
 
-    watch(trainer, s, stats)   around trainer.train(): the progress bar and one fixed-format line
+    watch(trainer, s, stats, evaluation)
+                               around trainer.train(): the progress bar and one fixed-format line
                                per step (TRL's metric names), training_stats.json rewritten
                                atomically after each step, a checkpoint at the last step, the
                                out-of-memory hint, and Ctrl-C: the first press stops after the
-                               step under way, with a checkpoint
+                               step under way, with a checkpoint. ``evaluation`` (held_out.py)
+                               scores the held-out rows every --eval-every steps: its figures join
+                               the step's line and entry, and one warning line is printed the first
+                               time the reward rises while held-out accuracy falls
     resumable(s, stats)        around the training and the outputs: a second Ctrl-C, or one after
                                training, stops at once; both leave the plot and print the --resume
                                command, and exit 130
     ctrl_c_before_training     main()'s decorator: Ctrl-C while the model loads prints one line
-    plot_rewards(stats, path)  rewards.png: the mean reward and each reward component per step
+    plot_rewards(stats, path)  rewards.png: the mean reward and each reward component per step and,
+                               below them, held-out accuracy and format compliance
 
+    step    0/250 | eval acc 0.125 fmt 0.50 (4.2 s) | before training
     step   12/250 | reward 1.234 ± 0.812 | correct 0.375 | len 187.5 | zero_std 0.25 | 9.81 s/step
+    step   20/250 | reward 1.502 ± 0.655 | correct 0.500 | len 171.0 | zero_std 0.12 | 9.62 s/step
+                  | eval acc 0.250 fmt 0.88 (4.0 s)        (every --eval-every steps; one line, here cut in two)
+
+The baseline evaluation (step 0, before training) is an entry of its own in training_stats.json,
+{"step": 0, "eval/accuracy": ..., "eval/format_compliance": ..., "eval/seconds": ...}, with no
+reward; every other entry is one optimizer step's.
 """
 
 import contextlib
@@ -22,6 +34,7 @@ import time
 
 import torch
 
+import held_out
 import runs
 from rewards import completion_text
 
@@ -30,14 +43,18 @@ OOM_HINT = ("CUDA out of memory. Lower, in this order: --num-generations, --max-
 
 
 @contextlib.contextmanager
-def watch(trainer, s, stats):
-    """Report and record each step of ``trainer.train()``; Ctrl-C stops it after a step, with a checkpoint."""
+def watch(trainer, s, stats, evaluation=None):
+    """Report and record each step of ``trainer.train()``; Ctrl-C stops it after a step, with a checkpoint.
+    ``evaluation``: a held_out.Evaluation, whose results are logged through ``trainer``."""
     from transformers import ProgressCallback
 
     progress = make_progress(s, stats)
     progress.trainer = trainer
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(progress)
+    if evaluation is not None:
+        evaluation.trainer = trainer
+        trainer.add_callback(evaluation)  # after progress: a step's time is taken before it evaluates
     try:
         with ctrl_c_stops_after_step(progress):
             yield progress
@@ -55,7 +72,7 @@ def resumable(s, stats):
     try:
         yield
     except KeyboardInterrupt:
-        stop_message(s, stats, f"stopped by Ctrl-C at step {len(stats)}/{s['max_steps']}")
+        stop_message(s, stats, f"stopped by Ctrl-C at step {stats[-1]['step'] if stats else 0}/{s['max_steps']}")
 
 
 def ctrl_c_before_training(main):
@@ -88,6 +105,7 @@ def make_progress(s, stats):
             self.step_start = time.perf_counter()
             self.step_seconds = 0.0
             self.stop_requested = False
+            self.warned = False  # the reward-hacking warning is printed once
 
         def on_step_begin(self, args, state, control, **kw):
             self.step_start = time.perf_counter()
@@ -101,22 +119,33 @@ def make_progress(s, stats):
                 control.should_save = control.should_training_stop = True
 
         def on_log(self, args, state, control, logs=None, **kw):
-            if "reward" not in logs:
-                return
-            entry = {"step": state.global_step, "step_time": round(self.step_seconds, 3), **logs}
-            stats[:] = [e for e in stats if e["step"] < state.global_step] + [entry]
+            trained, evaluated = "reward" in logs, held_out.ACCURACY in logs
+            if not (trained or evaluated):
+                return  # the summary logged after the last step
+            step = state.global_step
+            entry = {"step": step, **({"step_time": round(self.step_seconds, 3)} if trained else {}), **logs}
+            stats[:] = [e for e in stats if e["step"] < step] + [entry]
             runs.write_json_atomic(stats_path, stats)
             fmt = lambda k, spec: format(logs[k], spec) if logs.get(k) is not None else "-"
-            line = (
-                f"step {state.global_step:>4}/{state.max_steps} | reward {fmt('reward', '.3f')} ± "
-                f"{fmt('reward_std', '.3f')} | correct {fmt(correct_key, '.3f')} | "
-                f"len {fmt('completions/mean_length', '.1f')} | zero_std {fmt('frac_reward_zero_std', '.2f')} | "
-                f"{self.step_seconds:.2f} s/step"
-            )
+            parts = [f"step {step:>4}/{state.max_steps}"]
+            if trained:
+                parts += [f"reward {fmt('reward', '.3f')} ± {fmt('reward_std', '.3f')}",
+                          f"correct {fmt(correct_key, '.3f')}", f"len {fmt('completions/mean_length', '.1f')}",
+                          f"zero_std {fmt('frac_reward_zero_std', '.2f')}", f"{self.step_seconds:.2f} s/step"]
+            if evaluated:
+                parts.append(f"eval acc {fmt(held_out.ACCURACY, '.3f')} fmt {fmt(held_out.FORMAT, '.2f')} "
+                             f"({fmt(held_out.SECONDS, '.1f')} s)")
+            if not trained:
+                parts.append("before training")  # the baseline, step 0
             write = self.training_bar.write if self.training_bar is not None else print
-            write(line)
+            write(" | ".join(parts))
+            if evaluated and not self.warned:
+                warning = held_out.reward_hacking_warning(stats)
+                if warning:
+                    write(warning)
+                    self.warned = True  # once per run
             sample = getattr(self.trainer, "last_sample", None)
-            if s["sample_every"] and sample and state.global_step % s["sample_every"] == 0:
+            if trained and s["sample_every"] and sample and step % s["sample_every"] == 0:
                 agent, gold, completion, reward = sample
                 write(f"  sample [{agent}] gold={gold} reward={reward:.2f}: {completion_text(completion)[:300]!r}")
 
@@ -155,20 +184,34 @@ def stop_message(s, stats, what):
 
 
 def plot_rewards(stats, path):
-    """rewards.png: the mean reward and each reward component over the steps."""
+    """rewards.png: the mean reward and each reward component over the steps; below them, when the run
+    was scored during training (--eval-every), held-out accuracy and format compliance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [e["step"] for e in stats]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(steps, [e.get("reward") for e in stats], lw=2.5, color="black", label="reward (weighted sum)")
-    for key in sorted({k for e in stats for k in e if k.startswith("rewards/") and k.endswith("/mean")}):
-        ax.plot(steps, [e.get(key) for e in stats], lw=1, label=key.split("/")[1])
+    trained = [e for e in stats if "reward" in e]  # not the step-0 baseline, which has no reward
+    evaluated = [e for e in stats if e.get(held_out.ACCURACY) is not None]
+    if evaluated:
+        fig, (ax, below) = plt.subplots(2, 1, sharex=True, figsize=(8, 7), gridspec_kw={"height_ratios": (3, 2)})
+    else:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+    steps = [e["step"] for e in trained]
+    ax.plot(steps, [e.get("reward") for e in trained], lw=2.5, color="black", label="reward (weighted sum)")
+    for key in sorted({k for e in trained for k in e if k.startswith("rewards/") and k.endswith("/mean")}):
+        ax.plot(steps, [e.get(key) for e in trained], lw=1, label=key.split("/")[1])
     ax.set(xlabel="step", ylabel="mean reward", title="GRPO rewards")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    if evaluated:
+        at = [e["step"] for e in evaluated]
+        below.plot(at, [e.get(held_out.FORMAT) for e in evaluated], "s--", color="tab:gray", label="format compliance")
+        below.plot(at, [e[held_out.ACCURACY] for e in evaluated], "o-", color="tab:green", label="held-out accuracy")
+        below.set(xlabel="step", ylabel="share of held-out questions", ylim=(-0.05, 1.05))
+        ax.set_xlabel(None)
+        below.grid(alpha=0.3)
+        below.legend(fontsize=8)
     fig.tight_layout()
     tmp = path[:-4] + ".tmp.png"
     fig.savefig(tmp, dpi=110)

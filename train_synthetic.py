@@ -42,6 +42,7 @@ import time
 from datasets import Dataset
 
 import export
+import held_out
 import models
 import progress
 import runs
@@ -186,7 +187,10 @@ def main(argv=None):
         if plan["action"] == "finish":  # trained to the end before a kill: take the last checkpoint
             step = runs.load_checkpoint_weights(model, plan)
         else:
-            with progress.watch(trainer, s, stats):
+            # Every --eval-every steps and before the first, the held-out questions are scored as in step 9:
+            # a reward that rises while their accuracy falls is the reward being gamed, not learning.
+            evaluation = held_out.Evaluation(model, tokenizer, eval_rows, s, backend)
+            with progress.watch(trainer, s, stats, evaluation):
                 trainer.train(resume_from_checkpoint=plan["checkpoint"])
             step = trainer.state.global_step
 

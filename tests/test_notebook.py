@@ -57,7 +57,7 @@ def test_notebook_runs_on_the_smoke_settings(tmp_path):
     assert "model.safetensors" in outputs(export)[0]
 
     smoke = run + "-smoke"
-    assert [e["step"] for e in stats_of(smoke)] == [1, 2, 3, 4]
+    assert [e["step"] for e in stats_of(smoke)] == [0, 1, 2, 3, 4]  # step 0: the held-out baseline
     for name in ("adapter_model.safetensors", "rewards.png", "eval.json", "eval/eval.md", "merged/config.json"):
         assert os.path.exists(os.path.join(smoke, name)), name
 
@@ -85,7 +85,7 @@ def test_script_pasted_into_a_cell_runs_its_settings_block(tmp_path, script, out
     text, _ = outputs(notebook.cells[1])
     assert "step    4/4 | reward" in text and "done in" in text and "quick evaluation on 2 held-out" in text
     smoke = run + "-smoke"
-    assert [e["step"] for e in stats_of(smoke)] == [1, 2, 3, 4]
+    assert [e["step"] for e in stats_of(smoke)] == [0, 1, 2, 3, 4]  # step 0: the held-out baseline
     with open(os.path.join(smoke, "config.json")) as f:
         assert json.load(f)["settings"]["smoke"] is True
     assert not os.listdir(work)  # nothing written beside the notebook: the run folder is the one set

@@ -26,8 +26,8 @@ def assert_reloadable_run(run_dir, steps):
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "config.json",
                  "training_stats.json", "rewards.png", "eval.json", f"checkpoint-{steps}"):
         assert os.path.exists(os.path.join(run_dir, name)), name
-    # one stats entry per step, in order
-    assert [e["step"] for e in stats_of(run_dir)] == list(range(1, steps + 1))
+    # one stats entry per step, in order, after step 0's: the held-out baseline (--eval-every)
+    assert [e["step"] for e in stats_of(run_dir)] == list(range(steps + 1))
     base = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "base-model"))
     model = PeftModel.from_pretrained(base, run_dir)
     tokenizer = AutoTokenizer.from_pretrained(run_dir)
@@ -48,7 +48,7 @@ def test_synthetic_smoke_end_to_end(tmp_path):
     assert config["settings"]["prompt_style"] == "xml" and config["backend"] == "trl"
     # every step logs the mean reward of the agents it sampled (one question, so one agent, per step)
     names = {f"agents/{a}/reward" for a in ["step_by_step", "concise", "verify", "teacher"]}
-    for entry in stats_of(out):
+    for entry in stats_of(out)[1:]:
         keys = {k for k in entry if k.startswith("agents/")}
         assert keys and keys <= names
         assert entry[keys.pop()] == pytest.approx(entry["reward"])  # one agent: its mean is the step's
@@ -63,7 +63,7 @@ def test_gsm8k_smoke_end_to_end(tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["settings"]["dataset"] == GSM8K_SAMPLE
     assert "quick evaluation on 2 held-out questions" in proc.stdout
     assert_reloadable_run(out, steps=4)
-    stats = stats_of(out)
+    stats = stats_of(out)[1:]  # the steps, after the held-out baseline
     assert all("rewards/correctness_reward/mean" in e for e in stats)  # the GSM8K recipe's rewards
 
 
@@ -88,6 +88,7 @@ def parse(argv, defaults=train_gsm8k.DEFAULTS, extra=train_gsm8k.add_args):
     (["--smoke", "--temperature", "0"], "--temperature must be above 0"),
     (["--smoke", "--temperature", "-0.5"], "--temperature must be above 0"),
     (["--smoke", "--eval-examples", "-1"], "--eval-examples must be 0 or more"),
+    (["--smoke", "--eval-every", "-1"], "--eval-every must be 0 or more"),  # 0 is off; no step is negative
     (["--smoke", "--sample-every", "-2"], "--sample-every must be 0 or more"),
     (["--smoke", "--batch-size", "four"], "expected a whole number, or ''"),
 ])

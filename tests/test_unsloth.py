@@ -83,8 +83,12 @@ def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style):
     assert lora["target_modules"] == models.LORA_TARGETS
 
     stats = json.load(open(run / runs.STATS_FILE))
-    assert [e["step"] for e in stats] == [1, 2]
-    for entry in stats:  # one question per step, so one agent, whose mean is the step's reward
+    assert [e["step"] for e in stats] == [0, 1, 2]
+    # held-out accuracy before training and at the last step, generated between Unsloth's training steps
+    assert [e["step"] for e in stats if "eval/accuracy" in e] == [0, 2]
+    assert [e["eval/format_compliance"] for e in stats if "eval/accuracy" in e] == [1.0, 1.0]  # the scripted answer
+    assert "reward" in stats[-1]  # the last step's own figures, beside its evaluation
+    for entry in stats[1:]:  # one question per step, so one agent, whose mean is the step's reward
         (agent_key,) = [k for k in entry if k.startswith("agents/")]
         assert entry[agent_key] == pytest.approx(entry["reward"])
     assert "step    2/2 | reward" in stdout
@@ -98,12 +102,12 @@ def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style):
         # The </response> stop: every completion ends at the tag, before the length limit.
         assert result["generation_kwargs"]["stop_strings"] == [STOP_TAG]
         assert sample.endswith(f"{STOP_TAG}'")
-        assert all(e["rewards/stop_tag_bonus/mean"] == 0.5 for e in stats)
-        assert all(e["completions/mean_length"] < 48 for e in stats)
+        assert all(e["rewards/stop_tag_bonus/mean"] == 0.5 for e in stats[1:])
+        assert all(e["completions/mean_length"] < 48 for e in stats[1:])
     else:
         assert not result["generation_kwargs"]  # no stop string: the chat answer ends with eos
-        assert all(e["rewards/format_exact_reward/mean"] == 3.0 for e in stats)
-        assert all(e["completions/clipped_ratio"] == 0.0 for e in stats)
+        assert all(e["rewards/format_exact_reward/mean"] == 3.0 for e in stats[1:])
+        assert all(e["completions/clipped_ratio"] == 0.0 for e in stats[1:])
 
 
 def test_unsloths_config_trains_the_kits_recipe(checks):
