@@ -90,6 +90,8 @@ def parse(argv, defaults=train_gsm8k.DEFAULTS, extra=train_gsm8k.add_args):
     (["--smoke", "--eval-examples", "-1"], "--eval-examples must be 0 or more"),
     (["--smoke", "--eval-every", "-1"], "--eval-every must be 0 or more"),  # 0 is off; no step is negative
     (["--smoke", "--sample-every", "-2"], "--sample-every must be 0 or more"),
+    (["--smoke", "--worked-examples", "9"], "--worked-examples must be between 0 and 3, got 9"),
+    (["--smoke", "--worked-examples", "-1"], "--worked-examples must be between 0 and 3, got -1"),
     (["--smoke", "--batch-size", "four"], "expected a whole number, or ''"),
 ])
 def test_bad_settings_are_refused_before_loading(argv, message, capsys):
@@ -97,6 +99,11 @@ def test_bad_settings_are_refused_before_loading(argv, message, capsys):
         parse(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_worked_examples_widen_the_context_unsloth_is_given():
+    plain, shown = parse(["--smoke"]), parse(["--smoke", "--worked-examples", "2"])
+    assert shown["max_seq_length"] - plain["max_seq_length"] == 160  # room for two solved questions
 
 
 def test_batch_defaults_to_one_group():
