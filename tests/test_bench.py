@@ -124,3 +124,40 @@ def test_the_timed_generation_method_exists_in_this_trl():
     from trl import GRPOTrainer
 
     assert hasattr(GRPOTrainer, next(iter(bench_worker.GENERATION_METHODS)))
+
+
+def test_learning_check_report_reads_a_run_with_a_step_0_evaluation(tmp_path):
+    """bench_learning.py --show prints a finished check; the step-0 entry of --eval-every has no reward."""
+    from conftest import run_script
+    from intervals import mcnemar, paired_difference, wilson
+
+    before = [{"correct": i < 2, "strict_answer": "1" if i < 3 else None} for i in range(4)]
+    after = [{"correct": i in (1, 2), "strict_answer": "1"} for i in range(4)]
+    keys = ("rewards/correctness_reward/mean", "rewards/format_approx_reward/mean", "frac_reward_zero_std",
+            "completions/mean_length")
+    steps = [{"step": 0, "reward": None, "eval/accuracy": 0.25, "eval/format_compliance": 0.5, "eval/seconds": 3.0,
+              **dict.fromkeys(keys)}]
+    steps += [{"step": i, "reward": 0.5 * i, "rewards/correctness_reward/mean": 0.25, "eval/seconds": None,
+               "rewards/format_approx_reward/mean": -1.0, "frac_reward_zero_std": 0.0, "completions/mean_length": 30.0,
+               "eval/accuracy": 0.75 if i == 2 else None, "eval/format_compliance": 1.0 if i == 2 else None}
+              for i in (1, 2)]
+    steps[2]["eval/seconds"] = 3.0
+
+    def summary(records):
+        right, formatted = sum(r["correct"] for r in records), sum(r["strict_answer"] is not None for r in records)
+        return {"accuracy": right / 4, "accuracy_95": wilson(right, 4), "format_compliance": formatted / 4,
+                "format_95": wilson(formatted, 4)}
+
+    def difference(key):
+        a, b = [r[key] not in (False, None) for r in before], [r[key] not in (False, None) for r in after]
+        return {"paired": paired_difference(a, b), "mcnemar": mcnemar(a, b)}
+
+    result = {"train_seconds": 60, "wall_seconds": 90, "cpu_cores": 2, "steps": steps,
+              "before": summary(before), "after": summary(after), "records": {"before": before, "after": after},
+              "difference": {"accuracy": difference("correct"), "format_compliance": difference("strict_answer")}}
+    (tmp_path / "learning.json").write_text(json.dumps(result))
+    out = run_script("bench_learning.py", "--show", str(tmp_path)).stdout
+    assert "learning check: 2 steps, 60 s training" in out  # the step-0 evaluation is not a step
+    assert "in-training evaluation: 2 evaluations, 6 s, 10.0% of the training's 60 s" in out
+    assert "accuracy                 0.500 [0.150, 0.850]   0.500 [0.150, 0.850]    +0.000" in out
+    assert "format_compliance        0.750" in out and "1.000 [0.510, 1.000]" in out
