@@ -272,6 +272,7 @@ def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max
             summary[key]["seconds_per_question"] = sum(seconds.values()) / n
     if summary["ensemble"]:
         summary["ensemble"]["seconds_per_question"] = ensemble_s / n
+
     def ask_scored(instruction, k, temperature, seed):
         graded, spent = ask(questions, instruction, k, temperature, seed)
         print(f"matched compute: {k} sample(s) of {instruction!r}: {n} questions in {spent:.1f}s", flush=True)
