@@ -20,7 +20,7 @@ import os
 import random
 import re
 
-import hub
+from grpo_math import hub
 from rewards import normalize_number
 
 GSM8K_HUB_ID = "openai/gsm8k"

@@ -16,13 +16,13 @@ answers are scored one by one and pooled:
   consistency    the mean over questions of the agents' pairwise agreement (agents.consistency)
   pass@k         with --samples k >= 2 (sampled at --temperature): Chen et al.'s unbiased
                  estimator per agent, averaged over agents
-  matched        with --matched-compute (scoring.py): the K agents' vote, one completion each,
+  matched        with --matched-compute (grpo_math/scoring.py): the K agents' vote, one completion each,
   compute        against the best agent's vote over K completions (both sampled at --temperature:
                  the same K completions per question) and its one greedy answer
   perplexity     of the reference solutions (cot and answer in the answer form) after the first
                  agent's prompt, solution tokens only; --no-perplexity skips it
 
-Accuracies in eval.md come with a Wilson 95% interval (intervals.py). --worked-examples N opens
+Accuracies in eval.md come with a Wilson 95% interval (grpo_math/intervals.py). --worked-examples N opens
 every prompt (agents, ensemble, perplexity) with N solved questions. --dataset synthetic:easy (or
 medium, hard) scores data.synthetic_problems(n + calibration_n, level, seed=--seed) in place of
 GSM8K: train_synthetic.py by default trains on seed 3407 and holds out 3408, so --seed 3407 would
@@ -42,7 +42,7 @@ Every answer is graded with rewards.is_correct, the function the training reward
         --dataset synthetic:easy --worked-examples 2 --matched-compute
 
 Writes eval.json (every figure and a record per question), eval.md (tables) and eval.png (a bar
-chart) to --out; report.py builds and writes them. Timings are wall-clock seconds per question:
+chart) to --out; grpo_math/report.py builds and writes them. Timings are wall-clock seconds per question:
 each agent's own generation (batched across questions); the votes reuse every agent's generation,
 so their time is the sum; the ensemble decodes one question at a time; each matched-compute method
 counts its own generation (the greedy best agent's is that agent's). Generation is plain
@@ -64,11 +64,11 @@ import torch
 from agents import _ensemble_ids  # ensemble_generate's loop, which also returns the token ids
 from agents import WORKED_EXAMPLES, build_prompt, get_agents
 from data import GSM8K_HUB_ID, load_gsm8k, synthetic_problems
-from hub import HubUnavailable
-from models import check_source, load_adapter, load_pretrained
-from report import compare, write_reports
+from grpo_math.hub import HubUnavailable
+from grpo_math.models import check_source, load_adapter, load_pretrained
+from grpo_math.report import compare, write_reports
+from grpo_math.scoring import agent_accuracy, reference_perplexity, run_matched, score
 from rewards import SOLUTION_END, SOLUTION_START, STOP_TAG, extract_answer, is_correct
-from scoring import agent_accuracy, reference_perplexity, run_matched, score
 
 # Generation stops once the answer is closed: nothing after it is graded.
 STOPS = {"chat": (SOLUTION_END,), "xml": (STOP_TAG,)}
@@ -108,7 +108,7 @@ def parse_args(argv=None):
     g.add_argument("--worked-examples", type=int, default=0,
                    help=f"solved questions (0 to {len(WORKED_EXAMPLES)}, agents.WORKED_EXAMPLES) opening every prompt")
     g.add_argument("--matched-compute", action="store_true", help="also the K agents' vote against the "
-                   "best agent's K samples (both at --temperature) and its greedy answer (scoring.py)")
+                   "best agent's K samples (both at --temperature) and its greedy answer (grpo_math/scoring.py)")
     g.add_argument("--no-perplexity", action="store_true", help="skip the perplexity of the reference solutions")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="output folder (default: <adapter>/eval, else eval-<model name>)")
@@ -226,7 +226,7 @@ def grade(text, gold, style, tokens):
 def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max_new_tokens=256, batch_size=16,
              samples=1, temperature=0.0, seed=0, ensemble=True, examples=0, matched_compute=False, perplexity=True):
     """Generate, grade, vote and ensemble on ``questions``; weights come from ``calibration`` only.
-    Then the matched-compute baselines and the reference solutions' perplexity (scoring.py)."""
+    Then the matched-compute baselines and the reference solutions' perplexity (grpo_math/scoring.py)."""
     stop = STOPS[style]
 
     def ask(rows, instruction, k, temperature, seed):

@@ -27,7 +27,7 @@ GGUF_DIR = "gguf"
 
 def hub_model(name):
     """True when ``name`` is fetched from the hub, not read from a local folder or a bundled model."""
-    from models import SMOLLM2
+    from grpo_math.models import SMOLLM2
 
     return name not in ("tiny", SMOLLM2) and not os.path.isdir(name)
 
@@ -66,7 +66,7 @@ def _refuse_existing(path, overwrite):
 
 def save_merged(model, tokenizer, run_dir, backend, model_name):
     """RUN/merged: the base model with the adapter merged in, in 16-bit. Returns its path."""
-    import models
+    from grpo_math import models
 
     out = os.path.join(run_dir, MERGED_DIR)
     if backend == "unsloth":
@@ -133,7 +133,7 @@ def export_run(model, tokenizer, run_dir, backend, model_name, merged=False, ggu
 
 def load_run(run_dir, backend, model_name):
     """The trained model of a run folder: its base ``model_name`` with the saved adapter."""
-    import models
+    from grpo_math import models
 
     if backend == "unsloth":
         from unsloth import FastLanguageModel
@@ -165,7 +165,7 @@ def main(argv=None):
     if args.gguf:
         _refuse_existing(os.path.join(args.run_dir, GGUF_DIR), args.overwrite)
 
-    import models
+    from grpo_math import models
 
     with open(os.path.join(args.run_dir, "config.json")) as f:
         config = json.load(f)

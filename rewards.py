@@ -2,8 +2,8 @@
 
 Three separate steps, so that training and evaluation grade alike:
 
-    extract_answer(text) -> "42" or None      find the final answer, normalized (answers.py)
-    is_correct(pred, gold) -> bool             compare two answers numerically (answers.py)
+    extract_answer(text) -> "42" or None      find the final answer, normalized (grpo_math/answers.py)
+    is_correct(pred, gold) -> bool             compare two answers numerically (grpo_math/answers.py)
     correctness_reward(completions, answer)    score a batch for TRL's GRPOTrainer (here)
 
 Every reward is a pure named function ``f(completions, **kwargs) -> list[float | None]``
@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from answers import (  # noqa: F401  (re-exported: the rewards' inputs, graded the same everywhere)
+from grpo_math.answers import (  # noqa: F401  (re-exported: the rewards' inputs, graded the same everywhere)
     NUMBER_RE, REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_RE, SOLUTION_START, STOP_TAG,
     completion_text, extract_answer, is_correct, normalize_number, relative_error,
 )

@@ -24,9 +24,10 @@ Quick check of the whole pipeline on a CPU (tiny offline model and the 48 GSM8K 
 gsm8k_sample/, under a minute; --overwrite replaces the previous smoke run, kept aside):
     python train_gsm8k.py --smoke --overwrite
 
-In a notebook: paste this file into a cell beside the kit's modules, edit DEFAULTS and run it;
-the kernel's own arguments are ignored. smoke=True in DEFAULTS is --smoke; main(["--resume"])
-in a later cell continues the run (or see notebooks/train_gsm8k.ipynb).
+In a notebook, with the kit's folder (grpo_math/ and this file's) as the working folder or on
+sys.path: paste this file into a cell, edit DEFAULTS and run it; the kernel's own arguments are ignored. smoke=True in
+DEFAULTS is --smoke; main(["--resume"]) in a later cell continues the run (or see
+notebooks/train_gsm8k.ipynb).
 
 Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.
 Outputs (one run folder): the LoRA adapter and tokenizer, config.json, training_stats.json,
@@ -41,17 +42,17 @@ import time
 
 from datasets import Dataset
 
+# The kit's files beside this one: those to edit (agents, data, rewards) and the commands run after training.
 import export
-import held_out
-import models
-import progress
-import runs
 from agents import expand_agents
 from data import GSM8K_HUB_ID, GSM8K_SAMPLE, load_gsm8k
 from evaluate import quick_eval
-from grpo_trainer import make_trainer_class, stop_at
 from rewards import STOP_TAG, get_reward_funcs
-from settings import bad_input_refused, check_enough_data, parse_settings
+
+# The plumbing, in grpo_math/: its __init__ says what each module holds.
+from grpo_math import held_out, models, progress, runs
+from grpo_math.grpo_trainer import make_trainer_class, stop_at
+from grpo_math.settings import bad_input_refused, check_enough_data, parse_settings
 
 # ---- settings: edit here, or pass the flags (python train_gsm8k.py --help) ----
 DEFAULTS = dict(

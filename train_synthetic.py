@@ -28,9 +28,9 @@ Quick check of the whole pipeline on a CPU (tiny offline model, under a minute; 
 replaces the previous smoke run, kept aside):
     python train_synthetic.py --smoke --overwrite
 
-In a notebook: paste this file into a cell beside the kit's modules, edit DEFAULTS and run it;
-the kernel's own arguments are ignored. smoke=True in DEFAULTS is --smoke; main(["--resume"])
-in a later cell continues the run.
+In a notebook, with the kit's folder (grpo_math/ and this file's) as the working folder or on
+sys.path: paste this file into a cell, edit DEFAULTS and run it; the kernel's own arguments are ignored. smoke=True in
+DEFAULTS is --smoke; main(["--resume"]) in a later cell continues the run.
 
 Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.
 Outputs: as train_gsm8k.py (adapter, config.json, training_stats.json, rewards.png, checkpoints).
@@ -41,17 +41,17 @@ import time
 
 from datasets import Dataset
 
+# The kit's files beside this one: those to edit (agents, data, rewards) and the commands run after training.
 import export
-import held_out
-import models
-import progress
-import runs
 from agents import expand_agents
 from data import synthetic_problems
 from evaluate import quick_eval
-from grpo_trainer import make_trainer_class, stop_at
 from rewards import STOP_TAG, get_reward_funcs
-from settings import bad_input_refused, check_enough_data, parse_settings
+
+# The plumbing, in grpo_math/: its __init__ says what each module holds.
+from grpo_math import held_out, models, progress, runs
+from grpo_math.grpo_trainer import make_trainer_class, stop_at
+from grpo_math.settings import bad_input_refused, check_enough_data, parse_settings
 
 # ---- settings: edit here, or pass the flags (python train_synthetic.py --help) ----
 DEFAULTS = dict(

@@ -16,9 +16,11 @@ SCRIPT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def run_script(script, *flags, check=True, env=None):
-    """``python SCRIPT FLAGS`` in the repo, to the end; fails the test on a non-zero exit if ``check``."""
+    """``python SCRIPT FLAGS`` in the repo, to the end (``python -m SCRIPT`` for a module such as
+    bench.bench_learning); fails the test on a non-zero exit if ``check``."""
+    command = [os.path.join(ROOT, script)] if script.endswith(".py") else ["-m", script]
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *flags],
+        [sys.executable, *command, *flags],
         capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **SCRIPT_ENV, **(env or {})},
     )
     if check and proc.returncode != 0:

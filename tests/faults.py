@@ -25,7 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def after_stats_of_step(n, action):
     """Run ``action`` once runs.write_json_atomic has written the stats of step ``n``."""
-    import runs
+    from grpo_math import runs
 
     write = runs.write_json_atomic
 

@@ -1,4 +1,4 @@
-"""bench.py: the --smoke run end to end on the CPU (its child, bench_worker.py, included), and the
+"""bench/bench.py: the --smoke run end to end on the CPU (its child, bench_worker.py, included), and the
 arithmetic behind its figures."""
 
 import json
@@ -11,10 +11,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import bench
-import bench_worker
-import models
+from bench import bench, bench_worker
 from conftest import ROOT
+from grpo_math import models
 
 FIGURES = ("step_s", "generation_s", "train_s", "tokens_per_s", "decode_tokens_per_s",
            "decode_bound_tokens_per_s", "decode_efficiency", "weight_mib", "kv_cache_mib")
@@ -22,10 +21,10 @@ FIGURES = ("step_s", "generation_s", "train_s", "tokens_per_s", "decode_tokens_p
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """One `bench.py --smoke --json` run, shared by the tests that read its output."""
+    """One `python -m bench.bench --smoke --json` run, shared by the tests that read its output."""
     path = tmp_path_factory.mktemp("bench") / "x.json"
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "bench.py"), "--smoke", "--json", str(path)],
+        [sys.executable, "-m", "bench.bench", "--smoke", "--json", str(path)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
     )
@@ -129,7 +128,7 @@ def test_the_timed_generation_method_exists_in_this_trl():
 def test_learning_check_report_reads_a_run_with_a_step_0_evaluation(tmp_path):
     """bench_learning.py --show prints a finished check; the step-0 entry of --eval-every has no reward."""
     from conftest import run_script
-    from intervals import mcnemar, paired_difference, wilson
+    from grpo_math.intervals import mcnemar, paired_difference, wilson
 
     before = [{"correct": i < 2, "strict_answer": "1" if i < 3 else None} for i in range(4)]
     after = [{"correct": i in (1, 2), "strict_answer": "1"} for i in range(4)]
@@ -156,7 +155,7 @@ def test_learning_check_report_reads_a_run_with_a_step_0_evaluation(tmp_path):
               "before": summary(before), "after": summary(after), "records": {"before": before, "after": after},
               "difference": {"accuracy": difference("correct"), "format_compliance": difference("strict_answer")}}
     (tmp_path / "learning.json").write_text(json.dumps(result))
-    out = run_script("bench_learning.py", "--show", str(tmp_path)).stdout
+    out = run_script("bench.bench_learning", "--show", str(tmp_path)).stdout
     assert "learning check: 2 steps, 60 s training" in out  # the step-0 evaluation is not a step
     assert "in-training evaluation: 2 evaluations, 6 s, 10.0% of the training's 60 s" in out
     assert "accuracy                 0.500 [0.150, 0.850]   0.500 [0.150, 0.850]    +0.000" in out

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-import hub
+from grpo_math import hub
 from data import GSM8K_SAMPLE, load_gsm8k, synthetic_problems
 from rewards import normalize_number
 

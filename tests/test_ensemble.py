@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from agents import _ensemble_ids, chat_prompt, ensemble_generate, get_agents, xml_prompt
-from models import add_lora, tiny_model_and_tokenizer
+from grpo_math.models import add_lora, tiny_model_and_tokenizer
 
 QUESTION = "Maya picks 12 apples. Then she gets 5 more apples. How many apples does Maya have now?"
 STEPS = 24

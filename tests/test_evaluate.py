@@ -1,4 +1,4 @@
-"""evaluate.py: grading, votes, consistency and pass@k on hand-built answers, report.py's tables on
+"""evaluate.py: grading, votes, consistency and pass@k on hand-built answers, grpo_math/report.py's tables on
 them, then the script end to end on a tiny saved model, a tiny LoRA adapter and a small GSM8K-format
 file (with the matched-compute baselines, worked examples and the reference perplexity), on generated
 problems, and quick_eval on the same model."""
@@ -13,11 +13,10 @@ import pytest
 import torch
 
 import evaluate
-import report
-import scoring
 from agents import WORKED_EXAMPLES, get_agents
 from data import synthetic_problems
-from models import add_lora, tiny_model_and_tokenizer
+from grpo_math import report, scoring
+from grpo_math.models import add_lora, tiny_model_and_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "evaluate.py")

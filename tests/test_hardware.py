@@ -10,9 +10,8 @@ import torch
 import trl
 
 import evaluate
-import models
-import settings
 import train_gsm8k
+from grpo_math import models, settings
 
 
 def fake_cuda(monkeypatch, capability):

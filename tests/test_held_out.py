@@ -1,4 +1,4 @@
-"""Held-out accuracy during training (--eval-every, held_out.py): when it runs, where its figures go
+"""Held-out accuracy during training (--eval-every, grpo_math/held_out.py): when it runs, where its figures go
 (training_stats.json, the progress line, the trainer's log that the trackers read, rewards.png), that
 it leaves training as it found it, that --resume keeps it, and the reward-hacking warning."""
 
@@ -11,9 +11,8 @@ import types
 
 import pytest
 
-import held_out
-import progress
 from conftest import ROOT, SCRIPT_ENV, run_script, stats_of
+from grpo_math import held_out, progress
 
 SCRIPT = "train_synthetic.py"
 EVAL_KEYS = {held_out.ACCURACY, held_out.FORMAT, held_out.SECONDS}
@@ -107,12 +106,10 @@ def test_generation_mid_training_with_gradient_checkpointing(tmp_path, monkeypat
     progress line's s/step."""
     from datasets import Dataset
 
-    import grpo_trainer
-    import models
-    import settings
     import train_synthetic
     from agents import expand_agents
     from data import synthetic_problems
+    from grpo_math import grpo_trainer, models, settings
     from rewards import STOP_TAG, get_reward_funcs
 
     s = settings.parse_settings("test", train_synthetic.DEFAULTS, ["--smoke", "--max-steps", "2", "--eval-every", "1",
@@ -164,9 +161,9 @@ def test_generation_mid_training_with_gradient_checkpointing(tmp_path, monkeypat
 
 def test_help_says_what_the_default_costs(capsys):
     """The cost in --eval-every's help is the measured one of the default N (the module docstring of
-    held_out.py and the README give the figures); a new default needs a new figure."""
-    import settings
+    grpo_math/held_out.py and the README give the figures); a new default needs a new figure."""
     import train_synthetic
+    from grpo_math import settings
 
     with pytest.raises(SystemExit) as exc:
         settings.parse_settings("test", train_synthetic.DEFAULTS, ["--help"], train_synthetic.add_args)

@@ -1,4 +1,4 @@
-"""hub.py: offline mode, an unreachable hub, the caches, and what counts as an answer.
+"""grpo_math/hub.py: offline mode, an unreachable hub, the caches, and what counts as an answer.
 
 Nothing here reaches the network: offline mode is set, or HF_ENDPOINT points at a closed local port
 (connection refused at once), or urlopen is stood in.
@@ -10,7 +10,7 @@ import urllib.error
 
 import pytest
 
-import hub
+from grpo_math import hub
 
 CLOSED_PORT = "http://127.0.0.1:9"  # the discard port: nothing listens, the connection is refused
 

@@ -1,10 +1,10 @@
-"""intervals.py against values worked out by hand or from the textbook formulas."""
+"""grpo_math/intervals.py against values worked out by hand or from the textbook formulas."""
 
 import math
 
 import pytest
 
-from intervals import mcnemar, paired_difference, wilson
+from grpo_math.intervals import mcnemar, paired_difference, wilson
 
 
 @pytest.mark.parametrize("k, n, low, high", [

@@ -1,10 +1,14 @@
-"""The shape of the kit: modules small enough to read in one sitting, and entry scripts whose PEP 723
-header installs the same GPU stack as requirements.txt, so that `uv run` does not quietly train on
-the slower backend."""
+"""The shape of the kit: at the top level only what a user runs or edits, the plumbing in grpo_math/
+and the benchmarks in bench/; modules small enough to read in one sitting; and entry scripts whose
+PEP 723 header installs the same GPU stack as requirements.txt, so that `uv run` does not quietly
+train on the slower backend."""
 
+import ast
 import glob
 import os
 import re
+import subprocess
+import sys
 import tomllib
 
 import pytest
@@ -13,6 +17,8 @@ from conftest import ROOT
 
 MAX_LINES = 350
 SCRIPTS = ("train_gsm8k.py", "train_synthetic.py")
+# The top level: the recipes, the files users edit, the commands run after training.
+TOP_LEVEL = {*SCRIPTS, "rewards.py", "agents.py", "data.py", "evaluate.py", "export.py"}
 
 
 def pep723_dependencies(path):
@@ -45,7 +51,42 @@ def test_script_header_asks_for_the_gpu_stack(script):
     assert {"unsloth", "unsloth-zoo", "bitsandbytes", "vllm"} <= set(declared)
 
 
+def test_top_level_holds_only_what_users_run_or_edit():
+    assert {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "*.py"))} == TOP_LEVEL
+
+
+@pytest.mark.parametrize("package", ["grpo_math", "bench"])
+def test_the_package_map_names_every_module(package):
+    """A package's __init__ docstring is its map: one line per module, and no stale line."""
+    folder = os.path.join(ROOT, package)
+    modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(folder, "*.py"))} - {"__init__"}
+    with open(os.path.join(folder, "__init__.py")) as f:
+        mapped = set(re.findall(r"(?m)^    (\w+)  ", ast.get_docstring(ast.parse(f.read()))))
+    assert mapped == modules
+
+
 def test_no_module_is_over_350_lines():
-    sizes = {os.path.basename(p): sum(1 for _ in open(p)) for p in glob.glob(os.path.join(ROOT, "*.py"))}
-    assert set(SCRIPTS) <= set(sizes)
+    paths = [p for folder in ("", "grpo_math", "bench") for p in glob.glob(os.path.join(ROOT, folder, "*.py"))]
+    sizes = {os.path.relpath(p, ROOT): sum(1 for _ in open(p)) for p in paths}
+    assert set(SCRIPTS) <= set(sizes) and "grpo_math/models.py" in sizes and "bench/bench.py" in sizes
     assert {name: n for name, n in sizes.items() if n > MAX_LINES} == {}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_script_run_by_its_path_finds_the_package_from_any_folder(tmp_path, script):
+    """`uv run train_gsm8k.py`, like `python ~/kit/train_gsm8k.py`, runs the script by its path from
+    whatever folder the user is in: grpo_math/ is found beside the script, not in the working folder."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--max-steps" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["bench", "bench_rewards", "bench_learning"])
+def test_a_benchmark_run_by_its_path_names_the_command_that_works(tmp_path, name):
+    """The benchmarks run as modules from the kit's folder; run by their path, they say so in one line."""
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{name}.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == f"run it from the kit's folder as a module: python -m bench.{name} [flags]"

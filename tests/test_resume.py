@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
-import runs
 from conftest import ROOT, SCRIPT_ENV, run_script, stats_of
+from grpo_math import runs
 
 SCRIPT = "train_synthetic.py"
 SMOKE = ["--smoke", "--skip-evaluation"]  # 4 steps, a checkpoint every 2

@@ -1,4 +1,4 @@
-"""scoring.py's matched-compute baselines and reference perplexity: the votes and the best agent's pick
+"""grpo_math/scoring.py's matched-compute baselines and reference perplexity: the votes and the best agent's pick
 on hand-built graded answers, the generation they ask for through a stand-in, and the perplexity
 against the tiny model's own forward pass."""
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import scoring
 from evaluate import grade
-from models import tiny_model_and_tokenizer
+from grpo_math import scoring
+from grpo_math.models import tiny_model_and_tokenizer
 
 
 def sol(n):

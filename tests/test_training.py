@@ -7,13 +7,11 @@ import sys
 import pytest
 import torch
 
-import grpo_trainer
-import models
-import settings
 import train_gsm8k
 import train_synthetic
 from agents import expand_agents
 from data import GSM8K_SAMPLE
+from grpo_math import grpo_trainer, models, settings
 from rewards import STOP_TAG
 from conftest import run_script, stats_of
 

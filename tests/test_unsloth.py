@@ -15,11 +15,9 @@ import sys
 
 import pytest
 
-import models
 import train_gsm8k
-import runs
-import settings
 from conftest import ROOT
+from grpo_math import models, runs, settings
 from rewards import STOP_TAG
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None,

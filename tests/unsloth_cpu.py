@@ -69,7 +69,7 @@ def import_unsloth(patch_trl=True):
 def simulate_gpu(name):
     import torch
 
-    import models
+    from grpo_math import models
 
     import transformers.training_args
 
@@ -106,7 +106,7 @@ def stand_in_unsloth_loading(capability, calls, script=None, base_dir=None):
     from unsloth.models.llama import FastLlamaModel
     from unsloth.save import patch_saving_functions
 
-    import models
+    from grpo_math import models
 
     models.check_source = lambda name: None  # the stand-in model's name is on no hub
 
@@ -178,7 +178,7 @@ def train(args, rest):
     """main() of train_synthetic.py, or of train_gsm8k.py with --dataset, on the unsloth backend."""
     if args.vllm_installed:
         stand_in_vllm()
-        import models
+        from grpo_math import models
 
         models.vllm_available = lambda: True
     capability = simulate_gpu(args.gpu)
@@ -198,9 +198,8 @@ def train(args, rest):
 
 def config(args):
     """The kit's GRPOConfig arguments, built by Unsloth's patched GRPOConfig, as a dict."""
-    import models
-    import settings
     import train_gsm8k
+    from grpo_math import models, settings
 
     s = settings.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--output-dir", args.out],
                                 train_gsm8k.add_args)
@@ -215,9 +214,8 @@ def vllm_patches(args):
     stand_in_vllm()
     import trl.generation.vllm_generation as vllm_generation
 
-    import models
-    import settings
     import train_synthetic
+    from grpo_math import models, settings
     from rewards import STOP_TAG
 
     s = settings.parse_settings("test", train_synthetic.DEFAULTS, ["--smoke", "--output-dir", args.out],
@@ -242,7 +240,7 @@ def ensemble(args):
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     import agents
-    import models
+    from grpo_math import models
 
     model, tokenizer = models.tiny_model_and_tokenizer()
     torch.manual_seed(1)
@@ -278,7 +276,7 @@ def gguf(args):
     import unsloth.save as unsloth_save
 
     import export
-    import models
+    from grpo_math import models
 
     calls = []
     stand_in_unsloth_loading(simulate_gpu(args.gpu), calls, base_dir=os.path.join(args.out, "base"))

@@ -19,8 +19,8 @@ import math
 import os
 import sys
 
-import models
 from agents import WORKED_EXAMPLES, get_agents
+from grpo_math import models
 from rewards import GSM8K_REWARD_WEIGHTS, get_reward_funcs
 
 CONFIG_FILE = "config.json"  # in the run folder: the resolved settings, which --resume reads back

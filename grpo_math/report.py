@@ -18,7 +18,7 @@
 import json
 import os
 
-from intervals import wilson
+from grpo_math.intervals import wilson
 
 # The matched-compute methods (scoring.METHODS) as the tables name them; k is the agent count.
 MATCHED_LABELS = {"agents_vote": "{k} agents x 1 sample, vote", "self_consistency": "best agent x {k} samples, vote",

@@ -1,13 +1,16 @@
 """How many completions per second each reward grades, on one CPU core.
 
-    python bench_rewards.py                  # from the repository root: 2,000 completions, 0.5 s per reward
-    python bench_rewards.py --n 500 --seconds 0.2
+    python -m bench.bench_rewards            # from the kit's folder: 2,000 completions, 0.5 s per reward
+    python -m bench.bench_rewards --n 500 --seconds 0.2
 
 The batch is GSM8K-like: the worked solutions of ../shared/data/gsm8k/test.jsonl (or generated
 problems when that file is absent), half in the structured <SOLUTION> format and half free-form
 ("The answer is N.", \\boxed{N}, "... N </response>", a bare last number); one in three is wrong.
 correctness_reward runs on every completion of every GRPO step, so it is printed first.
 """
+
+if not __package__:  # run by its path: bench/ is then on sys.path, and the kit's modules are not
+    raise SystemExit("run it from the kit's folder as a module: python -m bench.bench_rewards [flags]")
 
 import argparse
 import os
@@ -19,7 +22,7 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 from data import load_gsm8k, synthetic_problems  # noqa: E402
 from rewards import REWARDS, SOLUTION_END, SOLUTION_START, STOP_TAG  # noqa: E402
 
-GSM8K_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "gsm8k")
+GSM8K_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gsm8k")
 FREE_FORMS = ("The answer is {n}.", "\\boxed{{{n}}}", "So that makes {n} in all. " + STOP_TAG, "{n}")
 
 

@@ -3,7 +3,7 @@
 bench.py starts it once per backend on the folder it built (the random-weight model, its tokenizer,
 bench_settings.json, bench_prompts.json) and reads back the result file; the folder goes when bench.py
 ends, so this is not run by hand:
-    python bench_worker.py --backend trl --model-dir FOLDER --result FOLDER/result-trl.json [--bandwidth B_PER_S]
+    python -m bench.bench_worker --backend trl --model-dir FOLDER --result FOLDER/result-trl.json [--bandwidth B_PER_S]
 
 The run is train_gsm8k.py's: its DEFAULTS through settings.validate, models.pick_backend and load_model,
 train_gsm8k.grpo_config and grpo_trainer.make_trainer_class. Here too: the step timer (a trainer callback
@@ -19,12 +19,12 @@ import time
 
 import torch
 
-import models
 import train_gsm8k
-from grpo_trainer import make_trainer_class
+from grpo_math import models
+from grpo_math.grpo_trainer import make_trainer_class
+from grpo_math.runs import write_json_atomic
+from grpo_math.settings import COMMON_DEFAULTS, validate
 from rewards import get_reward_funcs
-from runs import write_json_atomic
-from settings import COMMON_DEFAULTS, validate
 
 # The first of these the trainer has is timed (innermost first), with how to count its completion tokens.
 GENERATION_METHODS = {

@@ -34,8 +34,7 @@ import time
 
 import torch
 
-import held_out
-import runs
+from grpo_math import held_out, runs
 from rewards import completion_text
 
 OOM_HINT = ("CUDA out of memory. Lower, in this order: --num-generations, --max-completion-length, "

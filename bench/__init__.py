@@ -1,0 +1,8 @@
+"""The measuring scripts. Run each from the kit's folder as a module, so that the kit's files and
+grpo_math/ are importable: python -m bench.bench --help. Their figures are in BENCHMARKS.md.
+
+    bench           GRPO step time, generation speed and memory of the two backends on one workload
+    bench_worker    bench's child process: one backend, loaded and trained through the kit, timed
+    bench_rewards   completions per second that each reward grades, on one CPU core
+    bench_learning  the learning check: a real model scored before and after GRPO, with paired intervals
+"""

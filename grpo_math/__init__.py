@@ -1,0 +1,25 @@
+"""The kit's plumbing: what train_gsm8k.py and train_synthetic.py call, and evaluate.py reports with.
+
+The files to read and edit sit one level up: the two recipes, rewards.py, agents.py and data.py,
+and the commands run after training, evaluate.py and export.py. Nothing here needs editing to
+change the recipe. One module per concern:
+
+Training
+    settings      the flags and defaults both scripts share, and the checks run before anything loads
+    models        the hardware, the backend and why (unsloth or trl), load_model, the offline models
+    grpo_trainer  KitGRPOTrainer: TRL's (or Unsloth's) GRPOTrainer with per-agent rewards and the stop tag
+    progress      the progress line, training_stats.json per step, Ctrl-C, the out-of-memory hint, rewards.png
+    held_out      --eval-every: held-out accuracy during training, and the reward-hacking warning
+    runs          the run folder: start, reuse, --overwrite, --resume, finish; config.json; atomic JSON
+    hub           one quick question to the Hugging Face hub before a model or data set is loaded from it
+
+Grading and reporting
+    answers       extract_answer -> is_correct, and the answer tags: the rewards and the evaluation share them
+    scoring       an evaluation's figures: per agent, votes, pass@k, matched compute, reference perplexity
+    intervals     Wilson intervals, the paired bootstrap and McNemar's test
+    report        eval.json, eval.md and eval.png
+
+The modules import the kit's top-level files (agents, data, rewards, evaluate) by name, so the kit's
+folder must be on sys.path: it is, for `python train_gsm8k.py`, `python -m bench.bench` and a
+notebook started in that folder.
+"""
