@@ -24,9 +24,9 @@ Quick check of the whole pipeline on a CPU (tiny offline model and the 48 GSM8K 
 gsm8k_sample/, under a minute; --overwrite replaces the previous smoke run, kept aside):
     python train_gsm8k.py --smoke --overwrite
 
-In a notebook, with the kit's folder (grpo_math/ and this file's) as the working folder or on
-sys.path: paste this file into a cell, edit DEFAULTS and run it; the kernel's own arguments are ignored. smoke=True in
-DEFAULTS is --smoke; main(["--resume"]) in a later cell continues the run (or see
+In a notebook whose working folder is the kit's (or with that folder on sys.path, for grpo_math/):
+paste this file into a cell, edit DEFAULTS and run it; the kernel's own arguments are ignored.
+smoke=True in DEFAULTS is --smoke; main(["--resume"]) in a later cell continues the run (or see
 notebooks/train_gsm8k.ipynb).
 
 Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.

@@ -28,9 +28,9 @@ Quick check of the whole pipeline on a CPU (tiny offline model, under a minute; 
 replaces the previous smoke run, kept aside):
     python train_synthetic.py --smoke --overwrite
 
-In a notebook, with the kit's folder (grpo_math/ and this file's) as the working folder or on
-sys.path: paste this file into a cell, edit DEFAULTS and run it; the kernel's own arguments are ignored. smoke=True in
-DEFAULTS is --smoke; main(["--resume"]) in a later cell continues the run.
+In a notebook whose working folder is the kit's (or with that folder on sys.path, for grpo_math/):
+paste this file into a cell, edit DEFAULTS and run it; the kernel's own arguments are ignored.
+smoke=True in DEFAULTS is --smoke; main(["--resume"]) in a later cell continues the run.
 
 Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.
 Outputs: as train_gsm8k.py (adapter, config.json, training_stats.json, rewards.png, checkpoints).

@@ -22,7 +22,8 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 from data import load_gsm8k, synthetic_problems  # noqa: E402
 from rewards import REWARDS, SOLUTION_END, SOLUTION_START, STOP_TAG  # noqa: E402
 
-GSM8K_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "gsm8k")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the kit's folder
+GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
 FREE_FORMS = ("The answer is {n}.", "\\boxed{{{n}}}", "So that makes {n} in all. " + STOP_TAG, "{n}")
 
 

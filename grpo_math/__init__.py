@@ -20,6 +20,6 @@ Grading and reporting
     report        eval.json, eval.md and eval.png
 
 The modules import the kit's top-level files (agents, data, rewards, evaluate) by name, so the kit's
-folder must be on sys.path: it is, for `python train_gsm8k.py`, `python -m bench.bench` and a
-notebook started in that folder.
+folder must be on sys.path: it is for `python train_gsm8k.py` (from any folder), `python -m
+bench.bench` run in the kit's folder, and a notebook whose working folder is the kit's.
 """

@@ -1,7 +1,7 @@
-"""evaluate.py: grading, votes, consistency and pass@k on hand-built answers, grpo_math/report.py's tables on
-them, then the script end to end on a tiny saved model, a tiny LoRA adapter and a small GSM8K-format
-file (with the matched-compute baselines, worked examples and the reference perplexity), on generated
-problems, and quick_eval on the same model."""
+"""evaluate.py: grading, votes, consistency and pass@k on hand-built answers, grpo_math/report.py's
+tables on them, then the script end to end on a tiny saved model, a tiny LoRA adapter and a small
+GSM8K-format file (with the matched-compute baselines, worked examples and the reference
+perplexity), on generated problems, and quick_eval on the same model."""
 
 import itertools
 import json

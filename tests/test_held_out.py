@@ -1,6 +1,7 @@
-"""Held-out accuracy during training (--eval-every, grpo_math/held_out.py): when it runs, where its figures go
-(training_stats.json, the progress line, the trainer's log that the trackers read, rewards.png), that
-it leaves training as it found it, that --resume keeps it, and the reward-hacking warning."""
+"""Held-out accuracy during training (--eval-every, grpo_math/held_out.py): when it runs, where its
+figures go (training_stats.json, the progress line, the trainer's log that the trackers read,
+rewards.png), that it leaves training as it found it, that --resume keeps it, and the
+reward-hacking warning."""
 
 import json
 import os

@@ -1,6 +1,6 @@
-"""grpo_math/scoring.py's matched-compute baselines and reference perplexity: the votes and the best agent's pick
-on hand-built graded answers, the generation they ask for through a stand-in, and the perplexity
-against the tiny model's own forward pass."""
+"""grpo_math/scoring.py's matched-compute baselines and reference perplexity: the votes and the best
+agent's pick on hand-built graded answers, the generation they ask for through a stand-in, and the
+perplexity against the tiny model's own forward pass."""
 
 import math
 
