@@ -48,6 +48,7 @@ import tempfile
 
 import torch
 
+from agents import get_agents
 from grpo_math import models
 from grpo_math.runs import package_versions, write_json_atomic
 
@@ -62,26 +63,34 @@ SMOKE = dict(shape="tiny", backends="trl", num_generations=4, completion_length=
 
 # ---------------------------------------------------------------------------- the model folder
 
-def build_model_dir(a, folder):
-    """Save the random-weight model, its tokenizer and the prompts: both backends load this folder."""
-    from agents import chat_prompt, get_agents
-    from data import load_gsm8k, synthetic_problems
+def save_random_model(shape, dims, folder):
+    """Save a random-weight Qwen2.5-shaped model (``dims``) and the Qwen tokenizer, or with shape "tiny" the
+    kit's tiny offline model and tokenizer, to ``folder``: a model folder any of the kit's scripts loads."""
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-    if a.shape == "tiny":
+    if shape == "tiny":
         model, tokenizer = models.tiny_model_and_tokenizer(seed=0)
     else:
         tokenizer = AutoTokenizer.from_pretrained(QWEN_TOKENIZER)
-        config = Qwen2Config(**a.dims, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
+        config = Qwen2Config(**dims, vocab_size=151936, tie_word_embeddings=True, rope_theta=1e6,
                              max_position_embeddings=32768, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(0)
         model = Qwen2ForCausalLM._from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)  # safetensors
     tokenizer.save_pretrained(folder)
+    return model.config, tokenizer
+
+
+def build_model_dir(a, folder):
+    """Save the random-weight model, its tokenizer and the prompts: both backends load this folder."""
+    from agents import chat_prompt
+    from data import load_gsm8k, synthetic_problems
+
+    config, tokenizer = save_random_model(a.shape, getattr(a, "dims", None), folder)
     have_gsm8k = os.path.exists(os.path.join(GSM8K_DIR, "test.jsonl"))
     rows = (load_gsm8k(GSM8K_DIR, split="test") if have_gsm8k else synthetic_problems(200, "hard")).to_list()
-    agents = list(get_agents("core").items())
+    agents = list(get_agents(a.agents).items())
     render = lambda m: tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=False)
     prompts = []
     for i in range(a.warmup + a.steps + 1):  # one prompt per step, and one for --profile
@@ -95,7 +104,7 @@ def build_model_dir(a, folder):
                         "answer": rows[i % len(rows)]["answer"], "agent": name})
     with open(os.path.join(folder, "bench_prompts.json"), "w") as f:
         json.dump(prompts, f)
-    return model.config, statistics.mean(len(render(p["prompt"])) for p in prompts)
+    return config, statistics.mean(len(render(p["prompt"])) for p in prompts)
 
 
 # ---------------------------------------------------------------------------- report
@@ -125,9 +134,10 @@ def print_table(results):
     """Figures by backend, and unsloth / trl when both ran; "n/a" where a figure does not apply."""
     both = all("step_s" in results.get(n, {}) for n in ("unsloth", "trl"))
     cell = lambda fmt, v: fmt.format(v) if isinstance(v, (int, float)) else "n/a"
-    print(f"\n{'figure':<40}" + "".join(f"{n:>14}" for n in results) + (f"{'unsloth/trl':>14}" if both else ""))
+    print(f"\n{'figure':<40}{'JSON key':<28}" + "".join(f"{n:>14}" for n in results)
+          + (f"{'unsloth/trl':>14}" if both else ""))
     for label, key, fmt in ROWS:
-        line = f"{label:<40}" + "".join(f"{cell(fmt, r.get(key)):>14}" for r in results.values())
+        line = f"{label:<40}{key:<28}" + "".join(f"{cell(fmt, r.get(key)):>14}" for r in results.values())
         if both:
             line += f"{cell('{:.2f}x', ratio(results['unsloth'].get(key), results['trl'].get(key))):>14}"
         print(line)
@@ -145,6 +155,11 @@ def parse_args():
     w.add_argument("--completion-length", type=int, default=256, help="tokens per completion; lower if out of memory")
     w.add_argument("--prompt-length", type=int, default=150, help="prompt tokens, chat template included")
     w.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: 16)")
+    w.add_argument("--agents", default="core",
+                   help="the prompts' agents, as in the training scripts: a set name or a count N (default: core)")
+    w.add_argument("--fp16", action="store_true", help="train in fp16, as on a T4 or V100, whatever the GPU")
+    w.add_argument("--memory-cap-gib", type=float,
+                   help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction): 15 is a T4")
     w.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     w.add_argument("--warmup", type=int, default=2, help="warm-up steps, not timed (default: 2)")
     w.add_argument("--bandwidth-mib", type=int, help="size of the bandwidth copy (default: 1024 on CUDA, 256 on CPU)")
@@ -161,6 +176,12 @@ def parse_args():
     a.bandwidth_mib = a.bandwidth_mib or (1024 if torch.cuda.is_available() else 256)
     if min(a.completion_length, a.prompt_length, a.lora_rank, a.steps, a.bandwidth_mib) < 1 or a.warmup < 0:
         p.error("--warmup must be at least 0, and every other size at least 1")
+    try:
+        get_agents(a.agents)
+    except ValueError as e:
+        p.error(f"--agents: {e}")
+    if a.memory_cap_gib is not None and a.memory_cap_gib <= 0:
+        p.error("--memory-cap-gib must be above 0")
     if a.num_generations < 2:
         p.error("--num-generations must be at least 2: GRPO compares the completions within a group")
     return a
@@ -212,7 +233,7 @@ def main():
         config, prompt_tokens = build_model_dir(a, folder)
         hidden = ("json", *SHAPE_FLAGS)
         settings = {k: v for k, v in vars(a).items() if k not in hidden}
-        settings.update(profile=int(a.profile), prompt_tokens=prompt_tokens)
+        settings.update(profile=int(a.profile), prompt_tokens=prompt_tokens, fp16=int(a.fp16))
         with open(os.path.join(folder, "bench_settings.json"), "w") as f:
             json.dump(settings, f)
         print(f"settings: G={a.num_generations}, completion {a.completion_length} tokens, prompt {prompt_tokens:.0f} "

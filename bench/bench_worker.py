@@ -150,6 +150,11 @@ def run_worker(backend, folder, result_path, bandwidth):
     with open(os.path.join(folder, "bench_settings.json")) as f:
         a = json.load(f)
     cuda = torch.cuda.is_available()
+    if a.get("fp16"):  # as on a T4: compute_dtype() and grpo_config() ask this one function
+        models.bf16_supported = lambda: False
+    if cuda and a.get("memory_cap_gib"):  # a smaller card: allocations past the cap raise OutOfMemoryError
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, a["memory_cap_gib"] * 2**30 / total))
     bandwidth = bandwidth or measure_bandwidth(a["bandwidth_mib"])
     if cuda:
         torch.cuda.empty_cache()  # the bandwidth copy's memory
@@ -189,6 +194,7 @@ def run_worker(backend, folder, result_path, bandwidth):
                     weight_bytes(model), kv, bandwidth)
     out.update(backend=backend, load_reason=reason, generation_timer=timed_method, bandwidth_gb_s=bandwidth / 1e9,
                use_vllm=bool(getattr(trainer, "use_vllm", False)), steps=timer.records,
+               dtype=str(models.compute_dtype()).removeprefix("torch."), memory_cap_gib=a.get("memory_cap_gib"),
                peak_allocated_gib=None, peak_reserved_gib=None, device_used_gib=None)  # "n/a" on CPU
     if cuda:
         free, total = torch.cuda.mem_get_info()

@@ -1,0 +1,294 @@
+"""The GPU check: the kit's speed and memory claims, measured on one CUDA machine in one call of minutes.
+
+    python -m bench.gpu_check --out DIR             # on the GPU: Qwen2.5-1.5B shape, random weights
+    python -m bench.gpu_check --out DIR --dry-run   # the same parts on the CPU: tiny model, tiny shapes
+
+Each part is one child process with a time limit of its own, its output in DIR/logs/PART.log. A crash or
+a timeout is recorded and the next part runs; a part that would start with too little of --budget-s left
+is skipped and says so. In order, most important first:
+
+    env         the GPU, its capability and memory, every version, the bundle's pins, and whether
+                unsloth patched trl
+    bench       python -m bench.bench: unsloth against trl, G = 8, 256 tokens, 2 warm-up + 5 timed steps
+    t4          the unsloth backend in fp16 under a 15 GiB cap, the default recipe's settings: a T4
+    model       the random-weight 1.5B-shaped model saved to a folder, with the Qwen tokenizer
+    train-chat  train_gsm8k.py --max-steps 20 on that folder, unsloth backend, --save-merged
+    train-xml   the same with --prompt-style xml
+    evaluate    evaluate.py on train-chat's run, the ensemble included, 8 GSM8K questions
+    c128, c512  bench.py, unsloth only, at 128 and 512 completion tokens
+    agents-1    bench.py, unsloth only, every prompt by one agent (bench's own prompts cycle four)
+
+It writes DIR/gpu-check.json (every part's status, exit code, seconds and last 40 log lines, and every
+figure with its unit) and DIR/gpu-check.md (the tables for BENCHMARKS.md), both after every part.
+BENCHMARKS.md, "The GPU check", says how to build and carry the offline bundle it runs on.
+"""
+
+if not __package__:  # run by its path: bench/ is then on sys.path, and the kit's modules are not
+    raise SystemExit("run it from the kit's folder as a module: python -m bench.gpu_check --out DIR")
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+from grpo_math.runs import write_json_atomic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the kit's folder
+GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
+PY = sys.executable
+MIN_START_S = 30  # a part is not started with less of the budget left
+BENCH_FIGURES = {  # bench.py's JSON keys, with their units
+    "step_s": "s", "generation_s": "s", "train_s": "s", "tokens_per_s": "tokens/s",
+    "decode_tokens_per_s": "tokens/s", "decode_bound_tokens_per_s": "tokens/s", "decode_efficiency": "fraction",
+    "weight_mib": "MiB", "kv_cache_mib": "MiB", "peak_allocated_gib": "GiB", "peak_reserved_gib": "GiB",
+    "device_used_gib": "GiB",
+}
+GB = 1e9 / 2**30  # GiB per GB
+
+
+# ---------------------------------------------------------------------------- the parts
+
+def bench_cmd(a, out, *flags):
+    shape = ["--smoke"] if a.dry_run else ["--steps", "5", "--warmup", "2"]
+    return [PY, "-m", "bench.bench", *shape, "--json", out, *flags]
+
+
+def train_cmd(a, style, *flags):
+    size = (["--backend", "trl", "--max-steps", "2", "--num-generations", "4", "--max-completion-length", "16",
+             "--lora-rank", "4", "--eval-examples", "2", "--max-examples", "8"] if a.dry_run
+            else ["--backend", "unsloth", "--max-steps", "20", "--max-examples", "40"])
+    return [PY, os.path.join(ROOT, "train_gsm8k.py"), "--model-name", os.path.join(a.out, "model"),
+            "--dataset", GSM8K_DIR, "--prompt-style", style, "--output-dir", os.path.join(a.out, "runs", style),
+            "--save-steps", "10", "--overwrite", *size, *flags]  # --overwrite: a rerun (--parts) keeps the old aside
+
+
+def parts(a):
+    """[(name, time limit in s on the GPU, command)], most important first."""
+    j = lambda name: os.path.join(a.out, name + ".json")
+    unsloth = [] if a.dry_run else ["--backends", "unsloth"]
+    return [
+        ("env", 90, [PY, "-m", "bench.gpu_check", "--env", j("env")]),
+        ("bench", 240, bench_cmd(a, j("bench"))),
+        ("t4", 120, bench_cmd(a, j("t4"), *unsloth, "--fp16", "--memory-cap-gib", "15")),
+        ("model", 60, [PY, "-m", "bench.gpu_check", "--save-model", os.path.join(a.out, "model")]
+         + (["--tiny"] if a.dry_run else [])),
+        ("train-chat", 150, train_cmd(a, "chat", "--save-merged")),
+        ("train-xml", 120, train_cmd(a, "xml")),
+        ("evaluate", 120, [PY, os.path.join(ROOT, "evaluate.py"), "--model-name", os.path.join(a.out, "model"),
+                           "--adapter", os.path.join(a.out, "runs", "chat"), "--dataset", GSM8K_DIR, "--n", "8",
+                           "--calibration-n", "4", "--max-new-tokens", "16" if a.dry_run else "128",
+                           "--out", os.path.join(a.out, "eval"), "--overwrite"]),
+        ("c128", 90, bench_cmd(a, j("c128"), *unsloth, "--completion-length", "128")),
+        ("c512", 120, bench_cmd(a, j("c512"), *unsloth, "--completion-length", "512")),
+        ("agents-1", 90, bench_cmd(a, j("agents-1"), *unsloth, "--agents", "1")),
+    ]
+
+
+def run_part(name, limit, cmd, log_dir, env=None):
+    """Run one part's command to its end or its limit; its status, exit code, seconds and last 40 log lines."""
+    log = os.path.join(log_dir, name + ".log")
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, start_new_session=True)
+        try:
+            code, status = proc.wait(timeout=limit), None
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the part and every process it started
+            code, status = proc.wait(), "timeout"
+    seconds = time.perf_counter() - t0
+    with open(log, errors="replace") as f:
+        tail = f.read().splitlines()[-40:]
+    status = status or ("ok" if code == 0 else "failed")
+    return {"status": status, "exit_code": code, "seconds": round(seconds, 1), "limit_s": limit, "log_tail": tail}
+
+
+def run_parts(plan, out, budget_s, env=None, on_part=None):
+    """Run ``plan`` ([(name, limit, cmd)]) in order inside ``budget_s``; {name: result}, ``on_part`` after each."""
+    log_dir = os.path.join(out, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    results, deadline = {}, time.monotonic() + budget_s
+    for name, limit, cmd in plan:
+        left = deadline - time.monotonic()
+        if left < min(limit, MIN_START_S):
+            results[name] = {"status": "skipped", "why": f"{left:.0f} s of --budget-s left", "limit_s": limit}
+        else:
+            print(f"== {name} (limit {min(limit, left):.0f} s)", flush=True)
+            results[name] = run_part(name, min(limit, left), cmd, log_dir, env)
+            print(f"   {results[name]['status']} in {results[name]['seconds']} s", flush=True)
+        if on_part:
+            on_part(results)
+    return results
+
+
+# ---------------------------------------------------------------------------- the children's own work
+
+def environment():
+    """The machine and the packages: what every figure was measured on."""
+    import torch
+
+    from grpo_math import models
+    from grpo_math.runs import package_versions
+
+    env = {"python": sys.version.split()[0], "torch_cuda": torch.version.cuda, "versions": package_versions(),
+           "cpu_cores": os.cpu_count(), "gpu": None, "bundle_pins": bundle_pins(), "vllm_installed": models.vllm_available()}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env["gpu"] = {"name": p.name, "capability": list(torch.cuda.get_device_capability(0)),
+                      "memory_gib": p.total_memory / 2**30, "bf16_supported": models.bf16_supported()}
+        backend, reason = models.choose_backend("auto")  # imports unsloth when it can
+        env.update(backend=backend, backend_reason=reason,
+                   unsloth_patched_trl=backend == "unsloth" and models.unsloth_patched_trl())
+    return env
+
+
+def bundle_pins():
+    """The pins in BUNDLE-INFO.txt of each PYTHONPATH folder that has one (build-bundle.sh writes it)."""
+    pins = []
+    for folder in filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)):
+        path = os.path.join(folder, "BUNDLE-INFO.txt")
+        if os.path.isfile(path):
+            with open(path) as f:
+                pins += [w for line in f for w in line.split() if "==" in w and not w.startswith("-")]
+    return sorted(set(pins))
+
+
+# ---------------------------------------------------------------------------- figures and tables
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def figures(a, results):
+    """{part: {figure: {"value", "unit"}}} from the files the parts wrote."""
+    out, j = {}, lambda name: read_json(os.path.join(a.out, name + ".json"))
+    env = j("env")
+    if env:
+        gpu = env.get("gpu") or {}
+        out["env"] = {"gpu": {"value": gpu.get("name", "none (CPU)"), "unit": ""},
+                      "gpu_memory_gib": {"value": gpu.get("memory_gib"), "unit": "GiB"},
+                      "unsloth_patched_trl": {"value": env.get("unsloth_patched_trl"), "unit": ""}}
+    for part in ("bench", "t4", "c128", "c512", "agents-1"):
+        r = j(part)
+        for backend, fig in ((r or {}).get("backends") or {}).items():
+            out.setdefault(part, {}).update({f"{backend}.{k}": {"value": fig.get(k), "unit": u}
+                                             for k, u in BENCH_FIGURES.items() if "skipped" not in fig})
+        for k, v in ((r or {}).get("ratios_unsloth_over_trl") or {}).items():
+            out[part][f"unsloth/trl.{k}"] = {"value": v, "unit": "x"}
+    for style in ("chat", "xml"):
+        stats = read_json(os.path.join(a.out, "runs", style, "training_stats.json")) or []
+        steps = [s for s in stats if "step_time" in s]
+        if steps:
+            out["train-" + style] = {
+                "steps": {"value": len(steps), "unit": "steps"},
+                "step_time_median": {"value": statistics.median(s["step_time"] for s in steps[2:] or steps), "unit": "s"},
+                "grad_norm_min": {"value": min(s.get("grad_norm", 0.0) for s in steps), "unit": ""},
+                "merged_saved": {"value": os.path.isdir(os.path.join(a.out, "runs", style, "merged")), "unit": ""}}
+    ev = j(os.path.join("eval", "eval"))
+    if ev:
+        run = ev["runs"].get("trained") or {}
+        out["evaluate"] = {"questions": {"value": ev["config"]["n"], "unit": "questions"},
+                           "ensemble_seconds_per_question": {
+                               "value": (run.get("ensemble") or {}).get("seconds_per_question"), "unit": "s"}}
+    for name, r in results.items():
+        out.setdefault(name, {})["wall"] = {"value": r.get("seconds"), "unit": "s"}
+    return out
+
+
+def targets(figs):
+    """The targets the GPU figures are held to: [(figure, measured, target, met)]."""
+    get = lambda part, key: (figs.get(part, {}).get(key) or {}).get("value")
+    peak = get("bench", "unsloth.peak_reserved_gib")
+    t4 = get("t4", "unsloth.step_s")
+    one, four = get("agents-1", "unsloth.step_s"), get("bench", "unsloth.step_s")
+    rows = [("step time, unsloth / trl", get("bench", "unsloth/trl.step_s"), "<= 0.5", lambda v: v <= 0.5),
+            ("peak reserved memory, unsloth / trl", get("bench", "unsloth/trl.peak_reserved_gib"), "<= 0.6",
+             lambda v: v <= 0.6),
+            ("peak reserved memory, default recipe, unsloth (GB)", peak and peak / GB, "<= 6", lambda v: v <= 6),
+            ("the default recipe in fp16 under 15 GiB: s/step", t4, "fits", lambda v: v > 0),
+            ("4 agents / 1 agent, step time", four and one and four / one, "<= 1.05", lambda v: v <= 1.05)]
+    return [(label, v, target, None if v is None else bool(ok(v))) for label, v, target, ok in rows]
+
+
+def markdown(a, results, figs):
+    cell = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = [f"GPU check ({'dry run, CPU' if a.dry_run else 'GPU'}): `python -m bench.gpu_check --out DIR"
+             + (" --dry-run`" if a.dry_run else "`"), "", "| part | status | exit | seconds | limit (s) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {n} | {r['status']}{' (' + r['why'] + ')' if 'why' in r else ''} | {r.get('exit_code', '')} | "
+              f"{r.get('seconds', '')} | {cell(r['limit_s'])} |" for n, r in results.items()]
+    lines += ["", "| target | measured | target | met |", "|---|---|---|---|"]
+    lines += [f"| {label} | {cell(v) if v is not None else 'not measured'} | {t} | "
+              f"{'n/a' if met is None else 'yes' if met else 'no'} |" for label, v, t, met in targets(figs)]
+    lines += ["", "| part | figure | value | unit |", "|---|---|---|---|"]
+    lines += [f"| {part} | {k} | {cell(f['value'])} | {f['unit']} |" for part, fs in figs.items() for k, f in fs.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(a, results):
+    figs = figures(a, results)
+    write_json_atomic(os.path.join(a.out, "gpu-check.json"), {
+        "dry_run": a.dry_run, "budget_s": a.budget_s, "parts": results, "figures": figs,
+        "targets": [dict(zip(("figure", "measured", "target", "met"), t)) for t in targets(figs)]})
+    text = markdown(a, results, figs)
+    with open(os.path.join(a.out, "gpu-check.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="folder for gpu-check.json, gpu-check.md, the logs and every part's output")
+    p.add_argument("--dry-run", action="store_true", help="on the CPU: tiny model and shapes, trl backend")
+    p.add_argument("--budget-s", type=float, default=540, help="seconds for all the parts (default: 540)")
+    p.add_argument("--parts", help="comma-separated: only these parts, in the check's order (default: all); "
+                   "in a folder that holds a check, these are rerun and the others' results kept")
+    p.add_argument("--env", help=argparse.SUPPRESS)  # the env part's child: write the environment here
+    p.add_argument("--save-model", help=argparse.SUPPRESS)  # the model part's child: save the model here
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.env:
+        return write_json_atomic(a.env, environment())
+    if a.save_model:
+        from bench.bench import SHAPES, SHAPE_FLAGS, save_random_model
+
+        return save_random_model("tiny" if a.tiny else "1.5b", dict(zip(SHAPE_FLAGS, SHAPES["1.5b"])), a.save_model)
+    if not a.out:
+        p.error("--out DIR is required: the folder the check writes to")
+    earlier = read_json(os.path.join(a.out, "gpu-check.json")) if a.parts else None
+    if os.path.isdir(a.out) and os.listdir(a.out) and earlier is None:
+        p.error(f"--out {a.out} exists and is not empty: give a new folder, so that no earlier check is "
+                "overwritten (or rerun some of its parts there with --parts)")
+    if earlier and earlier["dry_run"] != a.dry_run:
+        p.error(f"--out {a.out} holds a {'dry' if earlier['dry_run'] else 'GPU'} run: rerun its parts the same way")
+    plan = parts(a)
+    if a.parts:
+        wanted = [n.strip() for n in a.parts.split(",") if n.strip()]
+        unknown = set(wanted) - {n for n, _, _ in plan}
+        if unknown:
+            p.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(n for n, _, _ in plan)}")
+        plan = [part for part in plan if part[0] in wanted]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if a.dry_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU, even on a GPU machine
+        plan = [(n, max(limit, 300), cmd) for n, limit, cmd in plan]  # a CPU runs the tiny shapes, not fast
+    os.makedirs(a.out, exist_ok=True)
+    t0 = time.perf_counter()
+    done = {n: r for n, r in (earlier or {}).get("parts", {}).items() if n not in dict((x[0], 0) for x in plan)}
+    results = run_parts(plan, a.out, a.budget_s, env, on_part=lambda r: write_report(a, {**done, **r}))
+    print(write_report(a, {**done, **results}))
+    print(f"gpu check: {time.perf_counter() - t0:.0f} s; {os.path.join(a.out, 'gpu-check.json')}")
+
+
+if __name__ == "__main__":
+    main()
