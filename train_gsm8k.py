@@ -190,7 +190,7 @@ def main(argv=None):
         else:
             # Every --eval-every steps and before the first, the held-out questions are scored as in step 9:
             # a reward that rises while their accuracy falls is the reward being gamed, not learning.
-            evaluation = held_out.Evaluation(model, tokenizer, eval_rows, s, backend)
+            evaluation = held_out.evaluation(model, tokenizer, eval_rows, s, backend)
             with progress.watch(trainer, s, stats, evaluation):
                 trainer.train(resume_from_checkpoint=plan["checkpoint"])
             step = trainer.state.global_step

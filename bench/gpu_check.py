@@ -1,22 +1,24 @@
-"""The GPU check: the kit's speed and memory claims, measured on one CUDA machine in one call of minutes.
+"""The GPU check: the kit's speed and memory claims, measured on one CUDA machine, in two calls of minutes.
 
-    python -m bench.gpu_check --out DIR             # on the GPU: Qwen2.5-1.5B shape, random weights
-    python -m bench.gpu_check --out DIR --dry-run   # the same parts on the CPU: tiny model, tiny shapes
+    python -m bench.gpu_check --out DIR --parts env,bench,t4   # on the GPU, about 9 minutes on an H200
+    python -m bench.gpu_check --out DIR --parts model,train-chat,evaluate,agents-1,train-xml,c128,c512
+    python -m bench.gpu_check --out DIR --dry-run              # every part on the CPU: tiny model and shapes
 
 Each part is one child process with a time limit of its own, its output in DIR/logs/PART.log. A crash or
 a timeout is recorded and the next part runs; a part that would start with too little of --budget-s left
-is skipped and says so. In order, most important first:
+is skipped and says so, and a later call with --parts runs it into the same DIR. Most important first:
 
     env         the GPU, its capability and memory, every version, the bundle's pins, and whether
                 unsloth patched trl
-    bench       python -m bench.bench: unsloth against trl, G = 8, 256 tokens, 2 warm-up + 5 timed steps
+    bench       python -m bench.bench: unsloth against trl, Qwen2.5-1.5B shape with random weights, the
+                Qwen tokenizer, G = 8, 256 tokens, 2 warm-up + 5 timed steps
     t4          the unsloth backend in fp16 under a 15 GiB cap, the default recipe's settings: a T4
     model       the random-weight 1.5B-shaped model saved to a folder, with the Qwen tokenizer
-    train-chat  train_gsm8k.py --max-steps 20 on that folder, unsloth backend, --save-merged
-    train-xml   the same with --prompt-style xml
+    train-chat  train_gsm8k.py --max-steps 20 on that folder (64-token completions), unsloth, --save-merged
     evaluate    evaluate.py on train-chat's run, the ensemble included, 8 GSM8K questions
-    c128, c512  bench.py, unsloth only, at 128 and 512 completion tokens
     agents-1    bench.py, unsloth only, every prompt by one agent (bench's own prompts cycle four)
+    train-xml   train-chat with --prompt-style xml
+    c128, c512  bench.py, unsloth only, at 128 and 512 completion tokens
 
 It writes DIR/gpu-check.json (every part's status, exit code, seconds and last 40 log lines, and every
 figure with its unit) and DIR/gpu-check.md (the tables for BENCHMARKS.md), both after every part.
@@ -52,39 +54,40 @@ GB = 1e9 / 2**30  # GiB per GB
 
 # ---------------------------------------------------------------------------- the parts
 
-def bench_cmd(a, out, *flags):
-    shape = ["--smoke"] if a.dry_run else ["--steps", "5", "--warmup", "2"]
-    return [PY, "-m", "bench.bench", *shape, "--json", out, *flags]
+def bench_cmd(a, out, steps, warmup, *flags):
+    size = ["--smoke"] if a.dry_run else ["--steps", str(steps), "--warmup", str(warmup)]
+    return [PY, "-m", "bench.bench", *size, "--json", out, *flags]
 
 
 def train_cmd(a, style, *flags):
     size = (["--backend", "trl", "--max-steps", "2", "--num-generations", "4", "--max-completion-length", "16",
              "--lora-rank", "4", "--eval-examples", "2", "--max-examples", "8"] if a.dry_run
-            else ["--backend", "unsloth", "--max-steps", "20", "--max-examples", "40"])
+            else ["--backend", "unsloth", "--max-steps", "20", "--max-completion-length", "64", "--max-examples", "40"])
     return [PY, os.path.join(ROOT, "train_gsm8k.py"), "--model-name", os.path.join(a.out, "model"),
             "--dataset", GSM8K_DIR, "--prompt-style", style, "--output-dir", os.path.join(a.out, "runs", style),
             "--save-steps", "10", "--overwrite", *size, *flags]  # --overwrite: a rerun (--parts) keeps the old aside
 
 
 def parts(a):
-    """[(name, time limit in s on the GPU, command)], most important first."""
+    """[(name, time limit in s on the GPU, command)], most important first. The limits are an H200's times
+    (BENCHMARKS.md, "The GPU check") with a margin; every unsloth process spends about a minute compiling."""
     j = lambda name: os.path.join(a.out, name + ".json")
     unsloth = [] if a.dry_run else ["--backends", "unsloth"]
     return [
-        ("env", 90, [PY, "-m", "bench.gpu_check", "--env", j("env")]),
-        ("bench", 240, bench_cmd(a, j("bench"))),
-        ("t4", 120, bench_cmd(a, j("t4"), *unsloth, "--fp16", "--memory-cap-gib", "15")),
+        ("env", 60, [PY, "-m", "bench.gpu_check", "--env", j("env")]),
+        ("bench", 330, bench_cmd(a, j("bench"), 5, 2)),
+        ("t4", 180, bench_cmd(a, j("t4"), 3, 1, *unsloth, "--fp16", "--memory-cap-gib", "15")),
         ("model", 60, [PY, "-m", "bench.gpu_check", "--save-model", os.path.join(a.out, "model")]
          + (["--tiny"] if a.dry_run else [])),
-        ("train-chat", 150, train_cmd(a, "chat", "--save-merged")),
-        ("train-xml", 120, train_cmd(a, "xml")),
+        ("train-chat", 240, train_cmd(a, "chat", "--save-merged")),
         ("evaluate", 120, [PY, os.path.join(ROOT, "evaluate.py"), "--model-name", os.path.join(a.out, "model"),
                            "--adapter", os.path.join(a.out, "runs", "chat"), "--dataset", GSM8K_DIR, "--n", "8",
-                           "--calibration-n", "4", "--max-new-tokens", "16" if a.dry_run else "128",
+                           "--calibration-n", "4", "--max-new-tokens", "16" if a.dry_run else "64",
                            "--out", os.path.join(a.out, "eval"), "--overwrite"]),
-        ("c128", 90, bench_cmd(a, j("c128"), *unsloth, "--completion-length", "128")),
-        ("c512", 120, bench_cmd(a, j("c512"), *unsloth, "--completion-length", "512")),
-        ("agents-1", 90, bench_cmd(a, j("agents-1"), *unsloth, "--agents", "1")),
+        ("agents-1", 150, bench_cmd(a, j("agents-1"), 3, 1, *unsloth, "--agents", "1")),
+        ("train-xml", 200, train_cmd(a, "xml")),
+        ("c128", 150, bench_cmd(a, j("c128"), 3, 1, *unsloth, "--completion-length", "128")),
+        ("c512", 200, bench_cmd(a, j("c512"), 3, 1, *unsloth, "--completion-length", "512")),
     ]
 
 
@@ -148,15 +151,15 @@ def environment():
 
 
 def bundle_pins():
-    """The pins in BUNDLE-INFO.txt of each PYTHONPATH folder that has one (build-bundle.sh writes it)."""
+    """NAME==VERSION of each wheel listed in BUNDLE-INFO.txt (build-bundle.sh writes it) of the PYTHONPATH folders."""
     pins = []
     for folder in filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep)):
         path = os.path.join(folder, "BUNDLE-INFO.txt")
         if os.path.isfile(path):
-            with open(path) as f:
-                pins += [w for line in f for w in line.split() if "==" in w and not w.startswith("-")]
-    return sorted(set(pins))
-
+            with open(path) as f:  # "  SHA256  NAME-VERSION-TAGS.whl"
+                wheels = [line.split()[-1] for line in f if line.strip().endswith(".whl")]
+            pins += ["==".join(w.split("-")[:2]) for w in wheels]
+    return sorted(pins)
 
 # ---------------------------------------------------------------------------- figures and tables
 

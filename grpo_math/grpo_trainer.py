@@ -32,7 +32,7 @@ def make_trainer_class():
             self.kit_reward_weights = reward_weights
             self.agent_rewards = defaultdict(list)
             self.last_sample = None
-            self.extra_logs = {}  # added to the next log (held_out.Evaluation puts its results here)
+            self.extra_logs = {}  # added to the next log (held_out.evaluation puts its results here)
             if stop_strings and not getattr(self, "use_vllm", False):
                 # transformers' generate() needs the tokenizer to match stop strings; TRL doesn't pass it.
                 generate, tokenizer = self.model.generate, self.processing_class

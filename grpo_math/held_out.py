@@ -1,6 +1,6 @@
 """Held-out accuracy during training (--eval-every N): a rising reward is no proof of learning.
 
-    Evaluation(model, tokenizer, rows, s, backend)
+    evaluation(model, tokenizer, rows, s, backend)
         the trainer callback that scores the held-out rows (--eval-examples of them, never trained on)
         before the first step of a fresh run (step 0, the baseline), every N optimizer steps, and at
         the last step. It scores them as evaluate.quick_eval does after training: the first agent's
@@ -34,38 +34,43 @@ import contextlib
 import time
 
 import torch
-from transformers import TrainerCallback
 
 from evaluate import quick_eval
 
 ACCURACY, FORMAT, SECONDS = "eval/accuracy", "eval/format_compliance", "eval/seconds"
 
 
-class Evaluation(TrainerCallback):
-    """Scores the held-out rows at step 0 (a fresh run), every s["eval_every"] steps and at the last."""
+def evaluation(model, tokenizer, rows, s, backend):
+    """The trainer callback that scores the held-out rows at step 0 (a fresh run), every s["eval_every"]
+    steps and at the last. transformers is imported here, not at the top: on a GPU, unsloth must be
+    imported before it (models.pick_backend), or it patches too late and warns."""
+    from transformers import TrainerCallback
 
-    def __init__(self, model, tokenizer, rows, s, backend):
-        self.model, self.tokenizer, self.rows, self.s, self.backend = model, tokenizer, rows, s, backend
-        self.every = 0 if s["skip_evaluation"] or not rows else s["eval_every"]
-        self.trainer = None  # set by progress.watch: the results are logged through it
+    class Evaluation(TrainerCallback):
+        def __init__(self):
+            self.model, self.tokenizer, self.rows, self.s, self.backend = model, tokenizer, rows, s, backend
+            self.every = 0 if s["skip_evaluation"] or not rows else s["eval_every"]
+            self.trainer = None  # set by progress.watch: the results are logged through it
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.every and state.global_step == 0:  # a resumed run has its baseline already
-            self.trainer.log(self.evaluate(args))
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.every and state.global_step == 0:  # a resumed run has its baseline already
+                self.trainer.log(self.evaluate(args))
 
-    def on_step_end(self, args, state, control, **kwargs):
-        step = state.global_step
-        if self.every and (step % self.every == 0 or step >= state.max_steps):
-            self.trainer.extra_logs.update(self.evaluate(args))  # joins this step's log
-            control.should_log = True
+        def on_step_end(self, args, state, control, **kwargs):
+            step = state.global_step
+            if self.every and (step % self.every == 0 or step >= state.max_steps):
+                self.trainer.extra_logs.update(self.evaluate(args))  # joins this step's log
+                control.should_log = True
 
-    def evaluate(self, args):
-        start = time.perf_counter()
-        with torch.random.fork_rng(), generating(self.model, self.backend, args.gradient_checkpointing):
-            result = quick_eval(self.model, self.tokenizer, self.rows, self.s["agents"], self.s["prompt_style"],
-                                self.s["max_completion_length"], examples=self.s["worked_examples"])
-        return {ACCURACY: result["accuracy"], FORMAT: result["format_compliance"],
-                SECONDS: round(time.perf_counter() - start, 3)}
+        def evaluate(self, args):
+            start = time.perf_counter()
+            with torch.random.fork_rng(), generating(self.model, self.backend, args.gradient_checkpointing):
+                result = quick_eval(self.model, self.tokenizer, self.rows, s["agents"], s["prompt_style"],
+                                    s["max_completion_length"], examples=s["worked_examples"])
+            return {ACCURACY: result["accuracy"], FORMAT: result["format_compliance"],
+                    SECONDS: round(time.perf_counter() - start, 3)}
+
+    return Evaluation()
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ OOM_HINT = ("CUDA out of memory. Lower, in this order: --num-generations, --max-
 @contextlib.contextmanager
 def watch(trainer, s, stats, evaluation=None):
     """Report and record each step of ``trainer.train()``; Ctrl-C stops it after a step, with a checkpoint.
-    ``evaluation``: a held_out.Evaluation, whose results are logged through ``trainer``."""
+    ``evaluation``: a held_out.evaluation, whose results are logged through ``trainer``."""
     from transformers import ProgressCallback
 
     progress = make_progress(s, stats)

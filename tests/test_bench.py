@@ -52,6 +52,10 @@ def test_smoke_says_unsloth_was_skipped_and_memory_is_not_applicable(smoke):
     assert result["backends"]["trl"]["peak_allocated_gib"] is None  # no CUDA device: "n/a"
     assert "peak GPU memory: n/a" in stdout
     assert "step time, median (s)" in stdout  # the table was printed
+    from bench.gpu_check import BENCH_FIGURES
+
+    for key in BENCH_FIGURES:  # each row names its figure as the JSON and the GPU check do
+        assert f" {key} " in stdout, key
     # where it ran and with what
     assert "device: CPU" in stdout and "versions: torch" in stdout
     assert result["settings"]["smoke"] and result["versions"]["trl"]

@@ -2,6 +2,7 @@
 
 import os
 import stat
+import subprocess
 import sys
 import types
 
@@ -148,3 +149,41 @@ def test_a_model_error_is_not_blamed_on_vllm(monkeypatch):
         lambda cls, **kw: (_ for _ in ()).throw(OSError("some/model is not a local folder or a hub repo"))))
     with pytest.raises(OSError, match="not a local folder"):
         models.load_unsloth("some/model", max_seq_length=64, lora_rank=4)
+
+
+IMPORT_ORDER = """
+import sys
+import {script}
+from grpo_math import models
+
+def backend_chosen(s):  # where unsloth is imported on a GPU: nothing it patches may be loaded yet
+    loaded = [m for m in ("trl", "transformers", "peft") if m in sys.modules]
+    raise SystemExit("loaded before the backend was chosen: " + (", ".join(loaded) or "none"))
+
+models.pick_backend = backend_chosen
+{script}.main(["--output-dir", sys.argv[1], "--model-name", sys.argv[2], *sys.argv[3:]])
+"""
+
+
+@pytest.mark.parametrize("script", ["train_gsm8k", "train_synthetic"])
+def test_nothing_unsloth_patches_is_imported_before_the_backend_is_chosen(script, tmp_path):
+    """Unsloth patches trl, transformers and peft when it is imported; imported after them, it warns
+    and leaves their unpatched code running (seen on an H200). A fresh process is the only clean view."""
+    from conftest import ROOT, SCRIPT_ENV
+
+    model, tokenizer = models.tiny_model_and_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = ["--dataset", os.path.join(ROOT, "gsm8k_sample")] if script == "train_gsm8k" else []
+    proc = subprocess.run([sys.executable, "-c", IMPORT_ORDER.format(script=script), str(tmp_path / "run"),
+                           str(tmp_path / "model"), *data],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120, env={**os.environ, **SCRIPT_ENV})
+    assert "loaded before the backend was chosen: none" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_nothing_unsloth_patches_is_imported_by_the_benchmark_worker():
+    from conftest import ROOT
+
+    code = "import sys, bench.bench_worker; print([m for m in ('trl', 'transformers', 'peft') if m in sys.modules])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-3000:]

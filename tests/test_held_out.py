@@ -139,7 +139,7 @@ def test_generation_mid_training_with_gradient_checkpointing(tmp_path, monkeypat
         return result
 
     monkeypatch.setattr(held_out, "quick_eval", observed_quick_eval)
-    evaluation = held_out.Evaluation(model, tokenizer, synthetic_problems(2, "easy", seed=s["seed"] + 1).to_list(),
+    evaluation = held_out.evaluation(model, tokenizer, synthetic_problems(2, "easy", seed=s["seed"] + 1).to_list(),
                                      s, "trl")
     stats = []
     with progress.watch(trainer, s, stats, evaluation):

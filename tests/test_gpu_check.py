@@ -1,0 +1,157 @@
+"""bench/gpu_check.py: the dry run end to end on the CPU (every part, the JSON and the tables), and a
+part that crashes or runs past its limit, recorded while the next part still runs."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bench import gpu_check
+from conftest import GSM8K_DIR, ROOT
+
+PY = sys.executable
+FIGURE_UNITS = {"env": {"gpu", "unsloth_patched_trl", "wall"}, "bench": {"trl.step_s", "trl.peak_reserved_gib"},
+                "train-chat": {"steps", "step_time_median", "grad_norm_min", "merged_saved"},
+                "evaluate": {"questions", "ensemble_seconds_per_question"}}
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    if not os.path.exists(os.path.join(GSM8K_DIR, "train.jsonl")):
+        pytest.skip(f"GSM8K files not found at {GSM8K_DIR} (a clone without ../shared/data)")
+    out = tmp_path_factory.mktemp("gpu-check") / "check"
+    proc = subprocess.run([PY, "-m", "bench.gpu_check", "--out", str(out), "--dry-run"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "gpu-check.json") as f:
+        return out, proc.stdout, json.load(f)
+
+
+def test_dry_run_runs_every_part(dry_run):
+    out, _, report = dry_run
+    names = [name for name, _, _ in gpu_check.parts(gpu_check.argparse.Namespace(out=str(out), dry_run=True))]
+    assert list(report["parts"]) == names
+    for name, part in report["parts"].items():
+        assert part["status"] == "ok" and part["exit_code"] == 0, (name, part["log_tail"])
+        assert os.path.isfile(out / "logs" / f"{name}.log")
+    assert report["dry_run"] is True
+
+
+def test_dry_run_writes_every_figure_with_its_unit(dry_run):
+    _, _, report = dry_run
+    figures = report["figures"]
+    for part, names in FIGURE_UNITS.items():
+        assert names <= set(figures[part]), (part, sorted(figures[part]))
+    for part, named in figures.items():
+        for name, figure in named.items():
+            assert set(figure) == {"value", "unit"}, (part, name)
+    assert figures["env"]["gpu"]["value"] == "none (CPU)"
+    assert figures["bench"]["trl.step_s"]["value"] > 0 and figures["bench"]["trl.step_s"]["unit"] == "s"
+    assert figures["bench"]["trl.peak_reserved_gib"] == {"value": None, "unit": "GiB"}  # no CUDA device
+    assert figures["train-chat"]["steps"]["value"] == 2 and figures["train-chat"]["grad_norm_min"]["value"] > 0
+    assert figures["train-chat"]["merged_saved"]["value"] is True  # --save-merged on train-chat only
+    assert figures["train-xml"]["merged_saved"]["value"] is False
+    assert figures["evaluate"]["questions"]["value"] == 8
+
+
+def test_dry_run_renders_the_tables(dry_run):
+    out, stdout, report = dry_run
+    text = (out / "gpu-check.md").read_text()
+    assert text.startswith("GPU check (dry run, CPU)")
+    assert "| bench | ok | 0 |" in text and "| c512 | ok | 0 |" in text
+    assert "| step time, unsloth / trl | not measured | <= 0.5 | n/a |" in text  # no unsloth on a CPU
+    assert "| train-chat | grad_norm_min |" in text
+    assert text in stdout  # printed as written
+    assert len(report["targets"]) == 5
+
+
+def plan_of(*parts):
+    return [(name, limit, [PY, "-c", code]) for name, limit, code in parts]
+
+
+def test_a_crash_and_a_timeout_are_recorded_and_the_next_part_runs(tmp_path):
+    hang = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            f"open({str(tmp_path / 'pid')!r}, 'w').write(str(child.pid))\n"
+            "print('hanging', flush=True)\ntime.sleep(60)")
+    plan = plan_of(("crash", 30, "import sys; print('about to crash'); sys.exit(3)"),
+                   ("hang", 3, hang),
+                   ("after", 30, "print('the next part ran')"))
+    seen = []
+    results = gpu_check.run_parts(plan, str(tmp_path), budget_s=120, on_part=lambda r: seen.append(list(r)))
+    assert results["crash"]["status"] == "failed" and results["crash"]["exit_code"] == 3
+    assert results["crash"]["log_tail"][-1] == "about to crash"
+    assert results["hang"]["status"] == "timeout" and 3 <= results["hang"]["seconds"] < 30
+    assert results["hang"]["log_tail"][-1] == "hanging"
+    assert results["after"]["status"] == "ok" and results["after"]["log_tail"][-1] == "the next part ran"
+    assert seen == [["crash"], ["crash", "hang"], ["crash", "hang", "after"]]  # the report after each part
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 5
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(pid)  # the part's own children went with it
+
+
+def running(pid):
+    """True while ``pid`` runs; a killed process its parent has not reaped (a zombie) does not."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "\nState:\tZ" not in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def test_a_part_that_would_start_past_the_budget_is_skipped(tmp_path):
+    plan = plan_of(("slow", 5, "import time; time.sleep(2)"), ("late", 60, "print('should not run')"))
+    results = gpu_check.run_parts(plan, str(tmp_path), budget_s=10)  # 8 s left: too little for a 60 s part
+    assert results["slow"]["status"] == "ok"
+    assert results["late"]["status"] == "skipped" and "of --budget-s left" in results["late"]["why"]
+    assert not os.path.exists(tmp_path / "logs" / "late.log")
+
+
+def test_the_targets_are_met_missed_or_not_measured():
+    fig = lambda v: {"value": v, "unit": ""}
+    figs = {"bench": {"unsloth/trl.step_s": fig(0.4), "unsloth/trl.peak_reserved_gib": fig(0.7),
+                      "unsloth.peak_reserved_gib": fig(5.0), "unsloth.step_s": fig(2.0)},
+            "agents-1": {"unsloth.step_s": fig(2.0)}}
+    met = {label: ok for label, _, _, ok in gpu_check.targets(figs)}
+    assert met == {"step time, unsloth / trl": True, "peak reserved memory, unsloth / trl": False,
+                   "peak reserved memory, default recipe, unsloth (GB)": True,  # 5 GiB is 5.37 GB
+                   "the default recipe in fp16 under 15 GiB: s/step": None,  # the t4 part did not run
+                   "4 agents / 1 agent, step time": True}
+
+
+def test_the_bundle_pins_are_read_from_its_info_file(tmp_path, monkeypatch):
+    (tmp_path / "BUNDLE-INFO.txt").write_text(
+        "Pinned wheels (sha256):\n  55aa  bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl\n"
+        "  e46f  trl-1.14.0-py3-none-any.whl\nLeft out: studio\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "absent"), str(tmp_path)]))
+    assert gpu_check.bundle_pins() == ["bitsandbytes==0.50.2", "trl==1.14.0"]
+
+
+def run_check(*flags):
+    return subprocess.run([PY, "-m", "bench.gpu_check", *flags], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_a_folder_holding_anything_is_not_written_over(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    proc = run_check("--out", str(tmp_path), "--dry-run")
+    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr and "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path) == ["notes.txt"]
+    proc = run_check("--out", str(tmp_path / "new"), "--dry-run", "--parts", "env,gpu")
+    assert proc.returncode == 2 and "--parts: unknown gpu; choose from env, bench" in proc.stderr
+
+
+def test_parts_rerun_into_a_check_keep_the_others(tmp_path):
+    out = tmp_path / "check"
+    assert run_check("--out", str(out), "--dry-run", "--parts", "env").returncode == 0
+    report = json.loads((out / "gpu-check.json").read_text())
+    report["parts"]["earlier"] = {"status": "ok", "exit_code": 0, "seconds": 1.0, "limit_s": 1, "log_tail": []}
+    (out / "gpu-check.json").write_text(json.dumps(report))
+    assert run_check("--out", str(out), "--dry-run", "--parts", "env").returncode == 0
+    assert list(json.loads((out / "gpu-check.json").read_text())["parts"]) == ["earlier", "env"]
+    proc = run_check("--out", str(out), "--parts", "env")  # the GPU run's parts into a dry run's folder
+    assert proc.returncode == 2 and "holds a dry run" in proc.stderr
