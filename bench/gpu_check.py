@@ -1,6 +1,6 @@
 """The GPU check: the kit's speed and memory claims, measured on one CUDA machine, in two calls of minutes.
 
-    python -m bench.gpu_check --out DIR --parts env,bench,t4   # on the GPU, about 9 minutes on an H200
+    python -m bench.gpu_check --out DIR --parts env,bench,t4   # on the GPU: the parts that measure
     python -m bench.gpu_check --out DIR --parts model,train-chat,evaluate,agents-1,train-xml,c128,c512
     python -m bench.gpu_check --out DIR --dry-run              # every part on the CPU: tiny model and shapes
 
@@ -69,8 +69,9 @@ def train_cmd(a, style, *flags):
 
 
 def parts(a):
-    """[(name, time limit in s on the GPU, command)], most important first. The limits are an H200's times
-    (BENCHMARKS.md, "The GPU check") with a margin; every unsloth process spends about a minute compiling."""
+    """[(name, time limit in s on the GPU, command)], most important first. The limits allow for what an
+    H200 showed (BENCHMARKS.md, "GPU figures"): an 82 s first step in an unsloth process, most of it
+    compiling, then 10 s a step at 256 tokens."""
     j = lambda name: os.path.join(a.out, name + ".json")
     unsloth = [] if a.dry_run else ["--backends", "unsloth"]
     return [
