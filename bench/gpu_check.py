@@ -105,6 +105,9 @@ def run_part(name, limit, cmd, log_dir, env=None):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # the part and every process it started
             code, status = proc.wait(), "timeout"
+        except BaseException:  # Ctrl-C: no part outlives the check
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
     seconds = time.perf_counter() - t0
     with open(log, errors="replace") as f:
         tail = f.read().splitlines()[-40:]

@@ -157,3 +157,19 @@ def test_parts_rerun_into_a_check_keep_the_others(tmp_path):
     assert list(json.loads((out / "gpu-check.json").read_text())["parts"]) == ["earlier", "env"]
     proc = run_check("--out", str(out), "--parts", "env")  # the GPU run's parts into a dry run's folder
     assert proc.returncode == 2 and "holds a dry run" in proc.stderr
+
+
+def test_ctrl_c_takes_the_running_part_with_it(tmp_path):
+    """A check stopped by Ctrl-C leaves no part running: the part has a session of its own, so the
+    terminal's signal does not reach it, and the check kills it on the way out."""
+    code = ("import signal, sys\nfrom bench import gpu_check\n"
+            "signal.alarm(2)\nsignal.signal(signal.SIGALRM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))\n"
+            f"gpu_check.run_parts([('hang', 60, [sys.executable, '-c', \"import os, time; "
+            f"open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid())); time.sleep(60)\"])], {str(tmp_path)!r}, 120)")
+    proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert "KeyboardInterrupt" in proc.stderr
+    pid = int((tmp_path / "pid").read_text())
+    deadline = time.monotonic() + 5
+    while running(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(pid)
