@@ -119,19 +119,19 @@ def ratio(a, b):
     return a / b if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
 
 
-ROWS = [  # label, key, format
-    ("step time, median (s)", "step_s", "{:.3f}"),
-    ("  generation (s)", "generation_s", "{:.3f}"),
-    ("  training pass (s)", "train_s", "{:.3f}"),
-    ("generated tokens/s", "tokens_per_s", "{:,.1f}"),
-    ("decode tokens/s (batch x length / gen)", "decode_tokens_per_s", "{:,.1f}"),
-    ("decode bound tokens/s", "decode_bound_tokens_per_s", "{:,.1f}"),
-    ("decode efficiency (of the bound)", "decode_efficiency", "{:.2%}"),
-    ("weights as stored (MiB)", "weight_mib", "{:,.1f}"),
-    ("KV cache at avg context (MiB)", "kv_cache_mib", "{:,.2f}"),
-    ("peak allocated (GiB)", "peak_allocated_gib", "{:.2f}"),
-    ("peak reserved (GiB)", "peak_reserved_gib", "{:.2f}"),
-    ("device memory in use at end (GiB)", "device_used_gib", "{:.2f}"),
+ROWS = [  # label, key (in the JSON), format, unit
+    ("step time, median (s)", "step_s", "{:.3f}", "s"),
+    ("  generation (s)", "generation_s", "{:.3f}", "s"),
+    ("  training pass (s)", "train_s", "{:.3f}", "s"),
+    ("generated tokens/s", "tokens_per_s", "{:,.1f}", "tokens/s"),
+    ("decode tokens/s (batch x length / gen)", "decode_tokens_per_s", "{:,.1f}", "tokens/s"),
+    ("decode bound tokens/s", "decode_bound_tokens_per_s", "{:,.1f}", "tokens/s"),
+    ("decode efficiency (of the bound)", "decode_efficiency", "{:.2%}", "fraction"),
+    ("weights as stored (MiB)", "weight_mib", "{:,.1f}", "MiB"),
+    ("KV cache at avg context (MiB)", "kv_cache_mib", "{:,.2f}", "MiB"),
+    ("peak allocated (GiB)", "peak_allocated_gib", "{:.2f}", "GiB"),
+    ("peak reserved (GiB)", "peak_reserved_gib", "{:.2f}", "GiB"),
+    ("device memory in use at end (GiB)", "device_used_gib", "{:.2f}", "GiB"),
 ]
 
 
@@ -141,7 +141,7 @@ def print_table(results):
     cell = lambda fmt, v: fmt.format(v) if isinstance(v, (int, float)) else "n/a"
     print(f"\n{'figure':<40}{'JSON key':<28}" + "".join(f"{n:>14}" for n in results)
           + (f"{'unsloth/trl':>14}" if both else ""))
-    for label, key, fmt in ROWS:
+    for label, key, fmt, _ in ROWS:
         line = f"{label:<40}{key:<28}" + "".join(f"{cell(fmt, r.get(key)):>14}" for r in results.values())
         if both:
             line += f"{cell('{:.2f}x', ratio(results['unsloth'].get(key), results['trl'].get(key))):>14}"
@@ -267,7 +267,7 @@ def main():
     if not cuda:
         print("peak GPU memory: n/a (no CUDA device)")
     if a.json:
-        ratios = {k: ratio(results.get("unsloth", {}).get(k), results.get("trl", {}).get(k)) for _, k, _ in ROWS}
+        ratios = {k: ratio(results.get("unsloth", {}).get(k), results.get("trl", {}).get(k)) for _, k, _, _ in ROWS}
         write_json_atomic(a.json, {
             "settings": settings, "device": device, "cpu_cores": os.cpu_count(), "versions": versions,
             "vllm_installed": models.vllm_available(), "model_config": config.to_dict(),

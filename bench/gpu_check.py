@@ -37,18 +37,14 @@ import subprocess
 import sys
 import time
 
+from bench.bench import ROWS, SHAPE_FLAGS, SHAPES, save_random_model
 from grpo_math.runs import write_json_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the kit's folder
 GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
 PY = sys.executable
 MIN_START_S = 30  # a part is not started with less of the budget left
-BENCH_FIGURES = {  # bench.py's JSON keys, with their units
-    "step_s": "s", "generation_s": "s", "train_s": "s", "tokens_per_s": "tokens/s",
-    "decode_tokens_per_s": "tokens/s", "decode_bound_tokens_per_s": "tokens/s", "decode_efficiency": "fraction",
-    "weight_mib": "MiB", "kv_cache_mib": "MiB", "peak_allocated_gib": "GiB", "peak_reserved_gib": "GiB",
-    "device_used_gib": "GiB",
-}
+BENCH_FIGURES = {key: unit for _, key, _, unit in ROWS}  # bench.py's JSON keys, with their units
 GB = 1e9 / 2**30  # GiB per GB
 
 
@@ -270,8 +266,6 @@ def main():
     if a.env:
         return write_json_atomic(a.env, environment())
     if a.save_model:
-        from bench.bench import SHAPES, SHAPE_FLAGS, save_random_model
-
         return save_random_model("tiny" if a.tiny else "1.5b", dict(zip(SHAPE_FLAGS, SHAPES["1.5b"])), a.save_model)
     if not a.out:
         p.error("--out DIR is required: the folder the check writes to")
@@ -295,7 +289,7 @@ def main():
         plan = [(n, max(limit, 300), cmd) for n, limit, cmd in plan]  # a CPU runs the tiny shapes, not fast
     os.makedirs(a.out, exist_ok=True)
     t0 = time.perf_counter()
-    done = {n: r for n, r in (earlier or {}).get("parts", {}).items() if n not in dict((x[0], 0) for x in plan)}
+    done = {n: r for n, r in (earlier or {}).get("parts", {}).items() if n not in {name for name, _, _ in plan}}
     results = run_parts(plan, a.out, a.budget_s, env, on_part=lambda r: write_report(a, {**done, **r}))
     print(write_report(a, {**done, **results}))
     print(f"gpu check: {time.perf_counter() - t0:.0f} s; {os.path.join(a.out, 'gpu-check.json')}")
