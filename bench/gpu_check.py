@@ -11,10 +11,10 @@ is skipped and says so, and a later call with --parts runs it into the same DIR.
     env         the GPU, its capability and memory, every version, the bundle's pins, and whether
                 unsloth patched trl
     bench       python -m bench.bench: unsloth against trl, Qwen2.5-1.5B shape with random weights, the
-                Qwen tokenizer, G = 8, 256 tokens, 2 warm-up + 5 timed steps
+                Qwen tokenizer, G = 8, 256 tokens, 1 warm-up + 3 timed steps, then one profiled
     t4          the unsloth backend in fp16 under a 15 GiB cap, the default recipe's settings: a T4
     model       the random-weight 1.5B-shaped model saved to a folder, with the Qwen tokenizer
-    train-chat  train_gsm8k.py --max-steps 20 on that folder (64-token completions), unsloth, --save-merged
+    train-chat  train_gsm8k.py --max-steps 8 on that folder (64-token completions), unsloth, --save-merged
     evaluate    evaluate.py on train-chat's run, the ensemble included, 8 GSM8K questions
     agents-1    bench.py, unsloth only, every prompt by one agent (bench's own prompts cycle four)
     train-xml   train-chat with --prompt-style xml
@@ -58,10 +58,10 @@ def bench_cmd(a, out, steps, warmup, *flags):
 def train_cmd(a, style, *flags):
     size = (["--backend", "trl", "--max-steps", "2", "--num-generations", "4", "--max-completion-length", "16",
              "--lora-rank", "4", "--eval-examples", "2", "--max-examples", "8"] if a.dry_run
-            else ["--backend", "unsloth", "--max-steps", "20", "--max-completion-length", "64", "--max-examples", "40"])
+            else ["--backend", "unsloth", "--max-steps", "8", "--max-completion-length", "64", "--max-examples", "40"])
     return [PY, os.path.join(ROOT, "train_gsm8k.py"), "--model-name", os.path.join(a.out, "model"),
             "--dataset", GSM8K_DIR, "--prompt-style", style, "--output-dir", os.path.join(a.out, "runs", style),
-            "--save-steps", "10", "--overwrite", *size, *flags]  # --overwrite: a rerun (--parts) keeps the old aside
+            "--save-steps", "4", "--overwrite", *size, *flags]  # --overwrite: a rerun (--parts) keeps the old aside
 
 
 def parts(a):
@@ -72,7 +72,7 @@ def parts(a):
     unsloth = [] if a.dry_run else ["--backends", "unsloth"]
     return [
         ("env", 60, [PY, "-m", "bench.gpu_check", "--env", j("env")]),
-        ("bench", 330, bench_cmd(a, j("bench"), 5, 2)),
+        ("bench", 300, bench_cmd(a, j("bench"), 3, 1, "--profile")),
         ("t4", 180, bench_cmd(a, j("t4"), 3, 1, *unsloth, "--fp16", "--memory-cap-gib", "15")),
         ("model", 60, [PY, "-m", "bench.gpu_check", "--save-model", os.path.join(a.out, "model")]
          + (["--tiny"] if a.dry_run else [])),
