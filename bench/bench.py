@@ -222,6 +222,17 @@ def plan_backends(a, cuda):
     return runs, skipped
 
 
+def write_figures(path, settings, device, versions, config, bandwidth, results, finished):
+    """The --json file: every backend measured so far, their ratios, and whether every backend has run."""
+    ratios = {k: ratio(results.get("unsloth", {}).get(k), results.get("trl", {}).get(k)) for _, k, _, _ in ROWS}
+    write_json_atomic(path, {
+        "finished": finished, "settings": settings, "device": device, "cpu_cores": os.cpu_count(),
+        "versions": versions, "vllm_installed": models.vllm_available(), "model_config": config.to_dict(),
+        "bandwidth_gb_s": bandwidth and bandwidth / 1e9, "backends": results,
+        "ratios_unsloth_over_trl": {k: v for k, v in ratios.items() if v is not None},
+    })
+
+
 def main():
     # before transformers loads: no load/save bars, here or in the children, which inherit it
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -256,6 +267,8 @@ def main():
             bandwidth = bandwidth or r["bandwidth_gb_s"] * 1e9  # measured once, by the first child
             print(f"{b}: {r['load_reason']}; generation timed around {r['generation_timer']}; "
                   f"vLLM {'used (memory mostly its up-front reservation)' if r['use_vllm'] else 'not used'}")
+            if a.json:  # now, so that a run killed during the next backend keeps this one's figures
+                write_figures(a.json, settings, device, versions, config, bandwidth, results, finished=False)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -267,13 +280,7 @@ def main():
     if not cuda:
         print("peak GPU memory: n/a (no CUDA device)")
     if a.json:
-        ratios = {k: ratio(results.get("unsloth", {}).get(k), results.get("trl", {}).get(k)) for _, k, _, _ in ROWS}
-        write_json_atomic(a.json, {
-            "settings": settings, "device": device, "cpu_cores": os.cpu_count(), "versions": versions,
-            "vllm_installed": models.vllm_available(), "model_config": config.to_dict(),
-            "bandwidth_gb_s": bandwidth and bandwidth / 1e9, "backends": results,
-            "ratios_unsloth_over_trl": {k: v for k, v in ratios.items() if v is not None},
-        })
+        write_figures(a.json, settings, device, versions, config, bandwidth, results, finished=True)
         print(f"figures written to {a.json}")
     if failed:
         raise SystemExit(f"failed: {', '.join(failed)}")

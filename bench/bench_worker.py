@@ -17,6 +17,8 @@ import os
 import statistics
 import time
 
+STARTED = time.perf_counter()  # before torch and the kit: the progress lines count from the process's start
+
 import torch
 
 import train_gsm8k
@@ -114,6 +116,9 @@ def step_timer(profile_step=None):
         def on_step_end(self, args, state, control, **kw):
             sync()
             self.current["step_s"] = time.perf_counter() - self.current["step_s"]
+            c = self.current  # as it happens, so that a run cut off at its time limit still shows how far it got
+            print(f"step {state.global_step}: {c['step_s']:.2f} s (generation {c['generation_s']:.2f} s, "
+                  f"{c['tokens']} tokens); {time.perf_counter() - STARTED:.0f} s since the worker started", flush=True)
             if self.profiler is None:
                 self.records.append(self.current)
                 return
@@ -168,7 +173,9 @@ def run_worker(backend, folder, result_path, bandwidth):
         "max_prompt_length": max(256, a["prompt_length"] + 32),  # sizes Unsloth's (and vLLM's) max_seq_length
     })
     backend, reason = models.pick_backend(s)  # imports unsloth, when used, before trl
+    print(f"{backend} imported: {time.perf_counter() - STARTED:.0f} s since the worker started", flush=True)
     model, tokenizer, vllm = models.load_model(s, backend)
+    print(f"model loaded: {time.perf_counter() - STARTED:.0f} s since the worker started", flush=True)
     from datasets import Dataset
     from transformers import ProgressCallback
 

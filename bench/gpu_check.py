@@ -1,22 +1,28 @@
-"""The GPU check: the kit's speed and memory claims, measured on one CUDA machine, in two calls of minutes.
+"""The GPU check: the kit's speed and memory claims, measured on one CUDA machine, in ten-minute calls.
 
-    python -m bench.gpu_check --out DIR --parts env,bench,t4   # on the GPU: the parts that measure
-    python -m bench.gpu_check --out DIR --parts model,train-chat,evaluate,agents-1,train-xml,c128,c512
-    python -m bench.gpu_check --out DIR --dry-run              # every part on the CPU: tiny model and shapes
+    python -m bench.gpu_check --out DIR --parts env,bench       # on the GPU: ratios and memory (8 min)
+    python -m bench.gpu_check --out DIR --parts t4,model        # the T4 case (6 min)
+    python -m bench.gpu_check --out DIR --parts train-chat,evaluate
+    python -m bench.gpu_check --out DIR --parts agents-1,profile
+    python -m bench.gpu_check --out DIR --parts train-xml,c128,c512
+    python -m bench.gpu_check --out DIR --dry-run               # every part on the CPU: tiny model and shapes
 
 Each part is one child process with a time limit of its own, its output in DIR/logs/PART.log. A crash or
 a timeout is recorded and the next part runs; a part that would start with too little of --budget-s left
-is skipped and says so, and a later call with --parts runs it into the same DIR. Most important first:
+is skipped and says so, and a later call with --parts runs it into the same DIR (the folder, the model
+part's included, must still be there). Every unsloth process spends minutes importing, loading and
+compiling before its second step, so the limits add up to about 45 minutes. Most important first:
 
     env         the GPU, its capability and memory, every version, the bundle's pins, and whether
                 unsloth patched trl
     bench       python -m bench.bench: unsloth against trl, Qwen2.5-1.5B shape with random weights, the
-                Qwen tokenizer, G = 8, 256 tokens, 1 warm-up + 3 timed steps, then one profiled
+                Qwen tokenizer, G = 8, 256 tokens, 1 warm-up + 3 timed steps
     t4          the unsloth backend in fp16 under a 15 GiB cap, the default recipe's settings: a T4
     model       the random-weight 1.5B-shaped model saved to a folder, with the Qwen tokenizer
     train-chat  train_gsm8k.py --max-steps 8 on that folder (64-token completions), unsloth, --save-merged
     evaluate    evaluate.py on train-chat's run, the ensemble included, 8 GSM8K questions
     agents-1    bench.py, unsloth only, every prompt by one agent (bench's own prompts cycle four)
+    profile     bench.py, unsloth only, 1 warm-up + 1 timed step, then torch.profiler on one more
     train-xml   train-chat with --prompt-style xml
     c128, c512  bench.py, unsloth only, at 128 and 512 completion tokens
 
@@ -66,25 +72,27 @@ def train_cmd(a, style, *flags):
 
 def parts(a):
     """[(name, time limit in s on the GPU, command)], most important first. The limits allow for what an
-    H200 showed (BENCHMARKS.md, "GPU figures"): an 82 s first step in an unsloth process, most of it
-    compiling, then 10 s a step at 256 tokens."""
+    H200 showed (BENCHMARKS.md, "GPU figures"): 41 s to import unsloth and let it patch trl, an 82 s first
+    step, most of it compiling, then 10 s a step at 256 tokens; bench.py with a profiled step after 1 + 3
+    steps passed 300 s, and the T4 case passed 180 s before its first training pass had ended."""
     j = lambda name: os.path.join(a.out, name + ".json")
     unsloth = [] if a.dry_run else ["--backends", "unsloth"]
     return [
         ("env", 60, [PY, "-m", "bench.gpu_check", "--env", j("env")]),
-        ("bench", 300, bench_cmd(a, j("bench"), 3, 1, "--profile")),
-        ("t4", 180, bench_cmd(a, j("t4"), 3, 1, *unsloth, "--fp16", "--memory-cap-gib", "15")),
+        ("bench", 420, bench_cmd(a, j("bench"), 3, 1)),
+        ("t4", 300, bench_cmd(a, j("t4"), 3, 1, *unsloth, "--fp16", "--memory-cap-gib", "15")),
         ("model", 60, [PY, "-m", "bench.gpu_check", "--save-model", os.path.join(a.out, "model")]
          + (["--tiny"] if a.dry_run else [])),
-        ("train-chat", 240, train_cmd(a, "chat", "--save-merged")),
-        ("evaluate", 120, [PY, os.path.join(ROOT, "evaluate.py"), "--model-name", os.path.join(a.out, "model"),
+        ("train-chat", 300, train_cmd(a, "chat", "--save-merged")),
+        ("evaluate", 150, [PY, os.path.join(ROOT, "evaluate.py"), "--model-name", os.path.join(a.out, "model"),
                            "--adapter", os.path.join(a.out, "runs", "chat"), "--dataset", GSM8K_DIR, "--n", "8",
                            "--calibration-n", "4", "--max-new-tokens", "16" if a.dry_run else "64",
                            "--out", os.path.join(a.out, "eval"), "--overwrite"]),
-        ("agents-1", 150, bench_cmd(a, j("agents-1"), 3, 1, *unsloth, "--agents", "1")),
-        ("train-xml", 200, train_cmd(a, "xml")),
-        ("c128", 150, bench_cmd(a, j("c128"), 3, 1, *unsloth, "--completion-length", "128")),
-        ("c512", 200, bench_cmd(a, j("c512"), 3, 1, *unsloth, "--completion-length", "512")),
+        ("agents-1", 240, bench_cmd(a, j("agents-1"), 3, 1, *unsloth, "--agents", "1")),
+        ("profile", 300, bench_cmd(a, j("profile"), 1, 1, *unsloth, "--profile")),
+        ("train-xml", 300, train_cmd(a, "xml")),
+        ("c128", 240, bench_cmd(a, j("c128"), 3, 1, *unsloth, "--completion-length", "128")),
+        ("c512", 300, bench_cmd(a, j("c512"), 3, 1, *unsloth, "--completion-length", "512")),
     ]
 
 

@@ -63,6 +63,35 @@ def test_smoke_says_unsloth_was_skipped_and_memory_is_not_applicable(smoke):
         assert "vLLM: not installed" in stdout
 
 
+def test_smoke_prints_each_step_as_it_ends(smoke):
+    # a run stopped at its time limit (the GPU check's parts) shows in its log how far it got, and when
+    stdout, result = smoke
+    assert "trl imported: " in stdout and "model loaded: " in stdout
+    for step in (1, 2, 3):
+        assert f"step {step}: " in stdout, step
+    assert result["finished"] is True
+
+
+def test_a_run_killed_in_its_second_backend_keeps_the_first_ones_figures(tmp_path, monkeypatch):
+    path, seen, real_run = tmp_path / "x.json", {}, subprocess.run
+
+    def run(cmd, **kw):  # the unsloth child: read what is on disk, then stop as a time limit would
+        if "unsloth" not in cmd:
+            return real_run(cmd, **kw)
+        with open(path) as f:
+            seen.update(json.load(f))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "plan_backends", lambda a, cuda: (["trl", "unsloth"], {}))
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--json", str(path)])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    assert seen["finished"] is False
+    assert seen["backends"]["trl"]["step_s"] > 0 and "unsloth" not in seen["backends"]
+
+
 @pytest.mark.parametrize("values, warmup, expected, why", [
     ([10.0, 9.0, 1.0, 2.0, 3.0], 2, 2.0, "the two slow warm-up steps are left out"),
     ([5.0, 1.0, 2.0, 3.0, 4.0], 1, 2.5, "an even count of timed steps: the mean of the middle two"),
