@@ -22,12 +22,12 @@ the random state is restored, so that the rollouts sampled after it are those of
 It runs after the step's time is taken: s/step on the progress line is the step's own time.
 
 What it costs: quick_eval generates --eval-examples greedy answers in batches of 8, where a step
-samples --num-generations completions and trains on them. Measured on a CPU with 8 of each, 96
-tokens, SmolLM2-135M: 37 s an evaluation against 52 s a step (0.7); on the --smoke model 0.17 s
-against 0.17 s. N = 20 then adds 0.7 x (1/20 + 1/max_steps) of the training time, about 4% of a
-100-step run. Measured: 9.1% of bench/bench_learning.py's 60-step run (16 questions, its first
-evaluation slowed by another job), 9.5% of a 20-step --smoke run. Where vLLM samples the rollouts,
-the steps are faster and the share larger.
+samples --num-generations completions and trains on them. Measured in the learning check
+(BENCHMARKS.md, with its command: SmolLM2-135M on a 2-core CPU, 16 questions, 8 completions a step):
+the evaluations after step 0 took 22-25 s against about 19 s a step, and the four of the 60-step run
+cost 9.1% of its training time, the first of them slowed by another job. On a 20-step --smoke run:
+9.5%. The evaluations at step 0 and at the last step are fixed costs, so longer runs pay less. Where
+vLLM samples the rollouts, the steps are faster and the share larger.
 """
 
 import contextlib

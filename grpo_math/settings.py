@@ -108,8 +108,8 @@ def build_parser(description, defaults, extra_args=None):
     add(o, "--eval-every", "also score them during training: before the first step, every N steps and at the "
         "last, as eval/accuracy in the stats, the progress line and rewards.png, with a warning if the reward "
         "rises while held-out accuracy falls (0 = off). Each evaluation generates --eval-examples greedy "
-        "answers: for 8, about 0.7 of a step's time (a step samples 8 and trains on them), so the default "
-        "N=20 measured under 10%% (9.1%% of the learning check, BENCHMARKS.md); more where vLLM makes the steps fast", type=int)
+        "answers; the default N=20 measured under 10%% (9.1%% of the learning check, BENCHMARKS.md); more where "
+        "vLLM makes the steps fast", type=int)
     lg = p.add_argument_group("logging")
     add(lg, "--report-to", "experiment tracker", choices=list(REPORT_TO))
     add(lg, "--project-name", "tracker project name", type=str)

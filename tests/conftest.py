@@ -33,11 +33,20 @@ def stats_of(run_dir):
         return json.load(f)
 
 
+def need_gsm8k():
+    """GSM8K_DIR, or a skip that says why: a clone without ../shared/data. With GRPO_MATH_REQUIRE_DATA=1,
+    as .ci/run sets it, a failure instead: CI must not pass by skipping the tests that need the data."""
+    if not all(os.path.exists(os.path.join(GSM8K_DIR, f)) for f in ("train.jsonl", "test.jsonl")):
+        why = f"GSM8K files not found at {GSM8K_DIR} (a clone without ../shared/data)"
+        if os.environ.get("GRPO_MATH_REQUIRE_DATA") == "1":
+            pytest.fail(why + "; GRPO_MATH_REQUIRE_DATA=1 asks for them", pytrace=False)
+        pytest.skip(why)
+    return GSM8K_DIR
+
+
 @pytest.fixture
 def gsm8k_dir():
-    if not os.path.exists(os.path.join(GSM8K_DIR, "test.jsonl")):
-        pytest.skip(f"GSM8K files not found at {GSM8K_DIR} (a clone without ../shared/data)")
-    return GSM8K_DIR
+    return need_gsm8k()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bench import gpu_check
-from conftest import GSM8K_DIR, ROOT
+from conftest import ROOT, need_gsm8k
 
 PY = sys.executable
 FIGURE_UNITS = {"env": {"gpu", "unsloth_patched_trl", "wall"}, "bench": {"trl.step_s", "trl.peak_reserved_gib"},
@@ -20,8 +20,7 @@ FIGURE_UNITS = {"env": {"gpu", "unsloth_patched_trl", "wall"}, "bench": {"trl.st
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
-    if not os.path.exists(os.path.join(GSM8K_DIR, "train.jsonl")):
-        pytest.skip(f"GSM8K files not found at {GSM8K_DIR} (a clone without ../shared/data)")
+    need_gsm8k()
     out = tmp_path_factory.mktemp("gpu-check") / "check"
     proc = subprocess.run([PY, "-m", "bench.gpu_check", "--out", str(out), "--dry-run"], capture_output=True,
                           text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -90,3 +90,30 @@ def test_a_benchmark_run_by_its_path_names_the_command_that_works(tmp_path, name
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"run it from the kit's folder as a module: python -m bench.{name} [flags]"
+
+
+def test_ci_stops_before_installing_when_the_data_is_missing(tmp_path):
+    """.ci/run in a clone with no ../shared/data beside it: exit 1 at once, naming the missing file,
+    before it removes or builds any virtual environment."""
+    os.makedirs(tmp_path / "repo" / ".ci")
+    with open(os.path.join(ROOT, ".ci", "run")) as f, open(tmp_path / "repo" / ".ci" / "run", "w") as g:
+        g.write(f.read())
+    proc = subprocess.run(["bash", ".ci/run"], cwd=tmp_path / "repo", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "../shared/data/gsm8k/train.jsonl is missing" in proc.stderr
+    assert os.listdir(tmp_path / "repo" / ".ci") == ["run"]  # no venv made
+
+
+@pytest.mark.parametrize("required, outcome", [("1", "1 failed"), ("", "1 skipped")])
+def test_a_test_that_needs_the_data_fails_under_ci_and_skips_by_hand(tmp_path, required, outcome):
+    (tmp_path / "test_needs_data.py").write_text(
+        "import conftest\n\n"
+        "def test_needs_gsm8k(monkeypatch, tmp_path):\n"
+        "    monkeypatch.setattr(conftest, 'GSM8K_DIR', str(tmp_path / 'no-data'))\n"
+        "    conftest.need_gsm8k()\n")
+    env = {**os.environ, "PYTHONPATH": os.path.join(ROOT, "tests"), "GRPO_MATH_REQUIRE_DATA": required}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                           str(tmp_path / "test_needs_data.py")], cwd=tmp_path, capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert outcome in proc.stdout, proc.stdout[-2000:]
+    assert "GSM8K files not found" in proc.stdout

@@ -1,14 +1,15 @@
 """The unsloth backend through Unsloth's real patched trl, on a CPU.
 
-Each test runs tests/unsloth_cpu.py in a process of its own, because Unsloth patches trl and
-transformers for the whole process. That script's docstring says what is real and what is stood
-in: the GPU's capability query, the 4-bit load (FastLanguageModel.from_pretrained) and the LoRA
-patching that only takes its model (get_peft_model), and in single tests llama.cpp's converter,
-Unsloth's CUDA decode kernel and vllm.SamplingParams.
+Each training case runs tests/unsloth_cpu.py in a process of its own, because Unsloth patches trl and
+transformers for the whole process; the five checks of the "checks" fixture share one. That script's
+docstring lists what is real and every stand-in, with the reason for each. The scripted cases check
+the mechanics (precision, stop tag, rewards, run folder) on completions that are all the same, which
+train nothing; the varied cases check that Unsloth's trainer trains.
 """
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -90,6 +91,8 @@ def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style):
         (agent_key,) = [k for k in entry if k.startswith("agents/")]
         assert entry[agent_key] == pytest.approx(entry["reward"])
     assert "step    2/2 | reward" in stdout
+    # one scripted answer: every completion of a group is the same, so no advantage and no gradient
+    assert all(e["frac_reward_zero_std"] == 1.0 and e["grad_norm"] == 0.0 for e in stats[1:])
     sample = next(line for line in stdout.splitlines() if line.startswith("  sample ["))
     config = json.load(open(run / "config.json"))
     assert config["backend"] == "unsloth" and config["precision"] == half
@@ -106,6 +109,46 @@ def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style):
         assert not result["generation_kwargs"]  # no stop string: the chat answer ends with eos
         assert all(e["rewards/format_exact_reward/mean"] == 3.0 for e in stats[1:])
         assert all(e["completions/clipped_ratio"] == 0.0 for e in stats[1:])
+
+
+# Without --script the tiny model samples, so a group's completions differ, and so do their rewards
+# (--smoke's unique_chars_reward); 3 steps, because LoRA-A first moves at the third (B starts at 0).
+VARIED = ["--smoke", "--backend", "unsloth", "--model-name", "stand-in/tiny-qwen2", "--max-steps", "3",
+          "--max-completion-length", "48"]
+
+
+def varied_run(tmp_path, gpu, style, *flags):
+    run = tmp_path / "run"
+    result, stdout = harness(tmp_path, "train", "--gpu", gpu, *flags,
+                             rest=[*VARIED, "--prompt-style", style, "--output-dir", str(run)])
+    assert "its __init__ wrapped as on a GPU" in stdout  # _patch_trl_trainer() applied, as a GPU import does
+    steps = [e for e in json.load(open(run / runs.STATS_FILE)) if e["step"] > 0]
+    assert [e["step"] for e in steps] == [1, 2, 3]
+    assert all(e["frac_reward_zero_std"] < 1 for e in steps)  # rewards differ in a group: advantages not all 0
+    print("grad_norm per step:", [e["grad_norm"] for e in steps], "LoRA:", result["lora"])
+    return [e["grad_norm"] for e in steps], result["lora"]
+
+
+@pytest.mark.parametrize("gpu, style", [("t4", "chat"), ("ampere", "xml")])
+def test_unsloths_trainer_trains_on_varied_completions(tmp_path, gpu, style):
+    """A gradient flows through Unsloth's generated GRPO loss on every step, in fp16 (T4) and bf16,
+    in both prompt styles; every LoRA weight moves, and the adapter saved in the run folder is the
+    trained one, not the one training started from."""
+    grad_norms, lora = varied_run(tmp_path, gpu, style)
+    assert all(math.isfinite(g) and g > 0 for g in grad_norms), grad_norms
+    assert lora["b_tensors"] == len(models.LORA_TARGETS) * 2  # the tiny model's 2 layers
+    assert lora["b_moved"] == lora["a_moved"] == lora["b_tensors"], lora
+    assert lora["saved_tensors"] == 2 * lora["b_tensors"] == lora["saved_differs_from_start"], lora
+    assert lora["saved_minus_trained"] == 0.0
+
+
+def test_the_training_checks_catch_a_loss_cut_from_the_model(tmp_path):
+    """The same run with the loss detached before backward(), as a broken backward would leave it:
+    grad_norm is 0 on every step, no LoRA weight moves, and the saved adapter is the initial one. So
+    the checks above cannot pass without a gradient."""
+    grad_norms, lora = varied_run(tmp_path, "t4", "chat", "--detach-loss")
+    assert grad_norms == [0.0, 0.0, 0.0]
+    assert lora["b_moved"] == lora["a_moved"] == lora["saved_differs_from_start"] == 0 and lora["b_tensors"] > 0
 
 
 def test_unsloths_config_trains_the_kits_recipe(checks):

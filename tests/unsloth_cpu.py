@@ -4,37 +4,51 @@
     python tests/unsloth_cpu.py unpatched --gpu ampere -- <the same flags>
     python tests/unsloth_cpu.py checks --out SCRATCH   # or one of: config vllm exports gguf ensemble
 
-Every mode imports unsloth first and applies the trl patches that importing it applies on a GPU:
-UNSLOTH_ALLOW_CPU=1 lets it import without a GPU (and skips that rewrite), then, with the variable
-back at "0", unsloth.models.rl.PatchFastRL() rewrites trl: trl.GRPOTrainer becomes the generated
-UnslothGRPOTrainer and trl's vLLM generation class gets Unsloth's LoRA hooks. The mode "unpatched"
-skips PatchFastRL, which leaves trl as a failed patch would. Each mode prints "RESULT <json>" last.
+Every mode imports unsloth first and then applies what importing it applies on a GPU, in the same
+order: UNSLOTH_ALLOW_CPU=1 lets it import without a GPU (and skips the rest), then, with the variable
+back at "0", unsloth.models.rl.PatchFastRL() rewrites trl (trl.GRPOTrainer becomes the generated
+UnslothGRPOTrainer, trl's vLLM generation class gets Unsloth's LoRA hooks), unsloth.trainer's
+_patch_trl_trainer() wraps every trl trainer's __init__ (UnslothGRPOTrainer's too), and
+patch_sft_trainer() patches the SFT trainer. The mode "unpatched" skips all three, which leaves trl as
+a failed patch would. Each mode prints "RESULT <json>" last.
 
-Real: unsloth and unsloth_zoo 2026.10.7, the patched trl 1.14.0 trainer and config, the kit's settings,
-backend choice, GRPOConfig, trainer subclass, progress line, stats, plot and quick evaluation, and
-bitsandbytes' 8-bit AdamW (which runs on a CPU). Stand-ins, each because it cannot run on a CPU:
-  - the GPU: models.gpu_capability() answers (7, 5) for "t4" or (8, 0) for "ampere", and the bf16
-    queries of torch (torch.cuda.is_bf16_supported) and transformers (is_torch_bf16_gpu_available)
-    answer True, as on both cards (a T4 emulates bf16); torch.cuda.get_device_name names the card
-    (Unsloth's merge asks). torch itself sees no CUDA device, so the trainer runs on the CPU, in
-    the mixed precision the config asks for.
-  - FastLanguageModel.from_pretrained: its 4-bit load needs bitsandbytes' CUDA kernels and asks the
-    CUDA device about itself. It gives the tiny offline Qwen2 model, in the dtype Unsloth's loader
-    picks for the simulated card (fp16 below capability 8.0, even when bf16 is asked for), and
-    records its arguments. The kit's hub check (models.check_source) lets the stand-in name through.
-  - FastLanguageModel.get_peft_model: it only takes a model from the real from_pretrained. PEFT LoRA
-    with the arguments the kit passes, then what Unsloth attaches: for_training/for_inference and
-    its saving functions (save_pretrained_merged, save_pretrained_gguf).
-  - with --script TEXT, the model writes TEXT after every prompt: a stand-in for a trained model,
-    so that the stop tag and the format rewards have an answer to act on.
-  - in "gguf", llama.cpp's converter (unsloth.save.save_to_gguf) writes a small file instead.
-  - in "ensemble", Unsloth's one-token decode kernel (it needs CUDA) runs the transformers backbone
-    and returns what Unsloth's kernel returns; the wrapper around it is Unsloth's real
-    CausalLM_fast_forward, installed on Qwen2ForCausalLM for the whole class as Unsloth does.
-  - in "vllm" and "unpatched", vllm.SamplingParams: vllm is not installed on a CPU.
-The environment sets TORCHDYNAMO_DISABLE=1: Unsloth compiles its GRPO loss with torch.compile,
-which on a CPU is a C++ build of about 100 s per process (on a GPU it is Triton, which no CPU run
-exercises), so the loss runs eagerly here.
+Real: unsloth and unsloth_zoo 2026.10.7, the patched trl 1.14.0 trainer and config, the GRPO loss and
+its backward, the kit's settings, backend choice, GRPOConfig, trainer subclass, progress line, stats,
+plot, saving and quick evaluation, and bitsandbytes' 8-bit AdamW (which runs on a CPU).
+
+The stand-ins, the complete list (README.md points here), each because it cannot run on a CPU:
+  1. The GPU, asked four ways: models.gpu_capability() answers (7, 5) for "t4" or (8, 0) for "ampere";
+     torch.cuda.is_bf16_supported() and transformers' is_torch_bf16_gpu_available() answer True, as on
+     both cards (a T4 emulates bf16); torch.cuda.get_device_name() names the card (Unsloth's merge
+     asks). torch itself sees no CUDA device, so the trainer runs on the CPU, in the mixed precision
+     the config asks for.
+  2. FastLanguageModel.from_pretrained: its 4-bit load needs bitsandbytes' CUDA kernels and asks the
+     CUDA device about itself. It gives the tiny offline Qwen2 model, in the dtype Unsloth's loader
+     picks for the simulated card (fp16 below capability 8.0, even when bf16 is asked for), and
+     records its arguments.
+  3. models.check_source, the kit's hub check before loading, lets the stand-in's model name through.
+  4. FastLanguageModel.get_peft_model: it only takes a model from the real from_pretrained. PEFT LoRA
+     with the arguments the kit passes, then what Unsloth attaches: for_training/for_inference and
+     its saving functions (save_pretrained_merged, save_pretrained_gguf).
+  5. With --script TEXT, the model writes TEXT after every prompt: a stand-in for a trained model,
+     so that the stop tag and the format rewards have an answer to act on. Every completion of a
+     group is then the same, so those runs train nothing; runs without --script sample varied text.
+  6. With --vllm-installed (and in "vllm"), a vllm module holding only SamplingParams, and
+     models.vllm_available() answering True: vllm is not installed on a CPU.
+  7. In "gguf", llama.cpp's converter (unsloth.save.save_to_gguf) writes a small file instead, and
+     tests/test_unsloth.py points UNSLOTH_LLAMA_CPP_PATH at a folder with no llama.cpp.
+  8. In "ensemble", Unsloth's one-token decode kernel (it needs CUDA) runs the transformers backbone
+     and returns what Unsloth's kernel returns; the wrapper around it is Unsloth's real
+     CausalLM_fast_forward, installed on Qwen2ForCausalLM for the whole class as Unsloth does.
+  9. torch.compile is off (TORCHDYNAMO_DISABLE=1, set by tests/test_unsloth.py): Unsloth compiles its
+     GRPO loss, which on a CPU is a C++ build of about 100 s per process (on a GPU it is Triton, which
+     no CPU run exercises), so the loss runs eagerly here.
+ 10. --detach-loss cuts the loss from the model before backward(): not a stand-in for anything on a
+     GPU, but the broken backward that the training tests must catch.
+
+Processes: each "train" and "unpatched" run has a process of its own. The "checks" mode runs config,
+vllm, exports, gguf and ensemble in one process, in an order where none disturbs the next: config
+before the GPU is simulated, the class-wide forward replaced last.
 """
 
 import argparse
@@ -55,15 +69,21 @@ def import_unsloth(patch_trl=True):
     import unsloth  # noqa: F401  (first, as on a GPU)
 
     os.environ["UNSLOTH_ALLOW_CPU"] = "0"
-    if patch_trl:
-        from unsloth.models.rl import PatchFastRL
-
-        PatchFastRL()
     import trl
 
+    if patch_trl:  # what `import unsloth` does on a GPU after its model classes (unsloth/_gpu_init.py, its end)
+        from unsloth.context_parallel import patch_sft_trainer
+        from unsloth.models.rl import PatchFastRL
+        from unsloth.trainer import _patch_trl_trainer
+
+        PatchFastRL()  # trl.GRPOTrainer becomes the generated UnslothGRPOTrainer
+        _patch_trl_trainer()  # then every trl trainer's __init__, that one's too, is wrapped
+        patch_sft_trainer()
+        assert trl.GRPOTrainer.__init__.__wrapped__ and trl.__UNSLOTH_BACKWARDS_COMPATIBLE__
     patched = trl.GRPOTrainer.__name__ == "UnslothGRPOTrainer"
     assert patched == patch_trl, f"trl.GRPOTrainer is {trl.GRPOTrainer.__module__}.{trl.GRPOTrainer.__name__}"
-    print(f"trl.GRPOTrainer is {trl.GRPOTrainer.__name__}", flush=True)
+    print(f"trl.GRPOTrainer is {trl.GRPOTrainer.__name__}"
+          + (", its __init__ wrapped as on a GPU" if patch_trl else ""), flush=True)
 
 
 def simulate_gpu(name):
@@ -99,7 +119,7 @@ def script_model(model, tokenizer, text):
     model.lm_head.register_forward_hook(force)
 
 
-def stand_in_unsloth_loading(capability, calls, script=None, base_dir=None):
+def stand_in_unsloth_loading(capability, calls, script=None, base_dir=None, lora_start=None):
     """FastLanguageModel.from_pretrained and get_peft_model on the tiny model; see the module docstring."""
     import torch
     from unsloth import FastLanguageModel
@@ -134,6 +154,8 @@ def stand_in_unsloth_loading(capability, calls, script=None, base_dir=None):
         calls.append({"call": "get_peft_model", "r": r, "lora_alpha": lora_alpha, "target_modules": target_modules,
                       "use_gradient_checkpointing": use_gradient_checkpointing})
         model = models.add_lora(model, r, random_state)
+        if lora_start is not None:  # the adapter as training will find it
+            lora_start.update({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
         model.for_training = functools.partial(FastLlamaModel.for_training, model)
         model.for_inference = functools.partial(FastLlamaModel.for_inference, model)
         return patch_saving_functions(model)
@@ -155,8 +177,9 @@ def stand_in_vllm():
     sys.modules["vllm"] = module
 
 
-def capture_trainer(script):
-    """Keep the trainer that the script's main() builds, to report on it afterwards."""
+def capture_trainer(script, detach_loss=False):
+    """Keep the trainer that the script's main() builds, to report on it afterwards. With ``detach_loss``
+    its loss reaches backward() cut from the model: what a broken backward would do."""
     made, make = [], script.make_trainer_class
 
     def make_trainer_class():
@@ -166,6 +189,10 @@ def capture_trainer(script):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
                 made.append(self)
+
+            def compute_loss(self, *args, **kwargs):
+                loss = super().compute_loss(*args, **kwargs)
+                return loss.detach().requires_grad_() if detach_loss else loss
 
         Recorded.__name__ = cls.__name__
         return Recorded
@@ -182,10 +209,10 @@ def train(args, rest):
 
         models.vllm_available = lambda: True
     capability = simulate_gpu(args.gpu)
-    calls = []
-    stand_in_unsloth_loading(capability, calls, args.script)
+    calls, lora_start = [], {}
+    stand_in_unsloth_loading(capability, calls, args.script, lora_start=lora_start)
     script = __import__("train_gsm8k" if "--dataset" in rest else "train_synthetic")
-    made = capture_trainer(script)
+    made = capture_trainer(script, args.detach_loss)
     script.main(rest)
     trainer = made[0]
     model_dtype = next(trainer.model.parameters()).dtype
@@ -193,7 +220,30 @@ def train(args, rest):
             "fp16": trainer.args.fp16, "optim": str(trainer.args.optim), "use_cpu": trainer.args.use_cpu,
             "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__module__,
             "model_dtype": str(model_dtype), "generation_kwargs": trainer.args.generation_kwargs,
-            "weight_decay": trainer.args.weight_decay, "calls": calls}
+            "weight_decay": trainer.args.weight_decay, "calls": calls,
+            "lora": lora_moved(trainer.model, lora_start, trainer.args.output_dir)}
+
+
+def lora_moved(model, start, run):
+    """How far training moved the LoRA weights from ``start``, in the model and in the run's saved adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    now = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    assert now.keys() == start.keys(), "the trained model's LoRA weights are not those it started with"
+    change = {n: (now[n].float() - start[n].float()).abs().max().item() for n in now}
+    saved = load_file(os.path.join(run, "adapter_model.safetensors"))
+    name = {n.replace(".default.", "."): n for n in now}  # PEFT saves without the adapter's name
+    assert saved.keys() == name.keys(), (sorted(saved)[:3], sorted(name)[:3])
+    return {
+        "b_tensors": sum(".lora_B." in n for n in now),
+        "b_moved": sum(".lora_B." in n and c > 0 for n, c in change.items()),
+        "a_moved": sum(".lora_A." in n and c > 0 for n, c in change.items()),
+        "max_change": max(change.values()),
+        "saved_tensors": len(saved),
+        "saved_differs_from_start": sum(not torch.equal(t.float(), start[name[k]].float()) for k, t in saved.items()),
+        "saved_minus_trained": max((t.float() - now[name[k]].float()).abs().max().item() for k, t in saved.items()),
+    }
 
 
 def config(args):
@@ -330,6 +380,7 @@ def main():
     p.add_argument("--vllm-installed", action="store_true", help="vllm 'installed' (a stand-in SamplingParams)")
     p.add_argument("--out", default=None, help="a scratch folder")
     p.add_argument("--script", help="make the model write this text after every prompt")
+    p.add_argument("--detach-loss", action="store_true", help="cut the loss from the model before backward()")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
