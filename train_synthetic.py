@@ -50,7 +50,7 @@ from rewards import STOP_TAG, get_reward_funcs
 
 # The plumbing, in grpo_math/: its __init__ says what each module holds.
 from grpo_math import held_out, models, progress, runs
-from grpo_math.grpo_trainer import make_trainer_class, stop_at
+from grpo_math.grpo_trainer import generation_args, make_trainer_class
 from grpo_math.settings import bad_input_refused, check_enough_data, parse_settings
 
 # ---- settings: edit here, or pass the flags (python train_synthetic.py --help) ----
@@ -102,7 +102,7 @@ def grpo_config(s, backend, tokenizer, vllm=False):
         max_completion_length=s["max_completion_length"],  # lower it if out of memory
         temperature=s["temperature"],
         top_p=1.0,
-        **stop_at(s["prompt_style"], tokenizer, vllm),  # the xml form stops at </response>
+        **generation_args(s, backend, tokenizer, vllm),  # vLLM where installed; the xml form stops at </response>
         # The loss: GRPO's group-relative advantages, with DAPO's token-level normalization.
         loss_type="dapo",                      # or "grpo", "bnpo", "dr_grpo" (with scale_rewards="none")
         scale_rewards="group",                 # divide advantages by the group's std; "none" as in Dr. GRPO

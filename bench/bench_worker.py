@@ -165,8 +165,10 @@ def run_worker(backend, folder, result_path, bandwidth):
         torch.cuda.empty_cache()  # the bandwidth copy's memory
         torch.cuda.reset_peak_memory_stats()
     max_steps = a["warmup"] + a["steps"] + a["profile"]
+    vllm = {"trl": "off", "trl-vllm": "on"}.get(backend, "auto")  # trl alone is the cookbook recipe, without vLLM
     s = validate({  # also sets max_seq_length, Unsloth's (and vLLM's) context: prompt + completion
-        **COMMON_DEFAULTS, **train_gsm8k.DEFAULTS, "model_name": folder, "backend": backend, "max_steps": max_steps,
+        **COMMON_DEFAULTS, **train_gsm8k.DEFAULTS, "model_name": folder, "backend": backend.removesuffix("-vllm"),
+        "vllm": vllm, "max_steps": max_steps,
         "num_generations": a["num_generations"], "batch_size": a["num_generations"], "lora_rank": a["lora_rank"],
         "max_completion_length": a["completion_length"], "output_dir": os.path.join(folder, f"run-{backend}"),
         "save_steps": 10**9,  # no checkpoints
@@ -212,7 +214,7 @@ def run_worker(backend, folder, result_path, bandwidth):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", required=True, choices=("unsloth", "trl"))
+    p.add_argument("--backend", required=True, choices=("unsloth", "trl", "trl-vllm"))
     p.add_argument("--model-dir", required=True, help="the folder bench.py built")
     p.add_argument("--result", required=True, help="this backend's figures go here (JSON, atomically)")
     p.add_argument("--bandwidth", type=float, help="bytes/s an earlier child measured; measured here if absent")

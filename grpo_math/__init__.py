@@ -7,7 +7,8 @@ change the recipe. One module per concern:
 Training
     settings      the flags and defaults both scripts share, and the checks run before anything loads
     models        the hardware, the backend and why (unsloth or trl), load_model, the offline models
-    grpo_trainer  KitGRPOTrainer: TRL's (or Unsloth's) GRPOTrainer with per-agent rewards and the stop tag
+    grpo_trainer  KitGRPOTrainer: TRL's (or Unsloth's) GRPOTrainer with per-agent rewards; who generates the
+                  rollouts (vLLM or generate()) and where they stop
     progress      the progress line, training_stats.json per step, Ctrl-C, the out-of-memory hint, rewards.png
     held_out      --eval-every: held-out accuracy during training, and the reward-hacking warning
     runs          the run folder: start, reuse, --overwrite, --resume, finish; config.json; atomic JSON
@@ -18,6 +19,7 @@ Grading and reporting
     scoring       an evaluation's figures: per agent, votes, pass@k, matched compute, reference perplexity
     intervals     Wilson intervals, the paired bootstrap and McNemar's test
     report        eval.json, eval.md and eval.png
+    vllm_engine   evaluate.py --engine vllm: the agents' answers from vLLM, over a merged copy of the model
 
 The modules import the kit's top-level files (agents, data, rewards, evaluate) by name, so the kit's
 folder must be on sys.path: it is for `python train_gsm8k.py` (from any folder), `python -m

@@ -6,6 +6,8 @@ evaluation share, so that the training reward and the reported accuracy cannot d
     normalize_number(text) -> "1000"       "$1,000.00" and "1000" read the same
     is_correct(pred, gold) -> bool          numeric comparison, with a relative tolerance
     relative_error(pred, gold) -> float     |pred - gold| / max(|gold|, 1), for partial credit
+    grade(text, gold, style, tokens)        an evaluated completion's record: lenient and strict
+                                            answers (strict_answer: only in the prompt's form), each graded
 
 Also the tags of the answer format the chat prompts ask for (agents.SYSTEM_PROMPT) and the stop tag
 of the XML prompt form. rewards.py turns these into rewards.
@@ -46,6 +48,7 @@ _FINAL_ANSWER_PATTERNS = [
     ("A:", re.compile(r"^\s*A:\s*([^\n]*)", re.MULTILINE), 0),  # "Job A: 5" is no answer
 ]
 SOLUTION_RE = _FINAL_ANSWER_PATTERNS[1][1]  # the <SOLUTION> span
+_SOLUTION_SPAN_RE = re.compile(re.escape(SOLUTION_START) + r".*?" + re.escape(SOLUTION_END), re.DOTALL)  # tags and all
 
 
 def completion_text(completion):
@@ -144,3 +147,18 @@ def relative_error(pred, gold):
         return abs(float(p) - float(g)) / max(abs(float(g)), 1.0)
     except OverflowError:
         return 0.0 if p == g else math.inf
+
+
+def strict_answer(text, style):
+    """The answer only when given in the prompt's required form, else None."""
+    if style == "chat":
+        spans = _SOLUTION_SPAN_RE.findall(text)
+        return extract_answer(spans[-1]) if spans else None
+    return extract_answer(text) if STOP_TAG in text or "####" in text else None
+
+
+def grade(text, gold, style, tokens):
+    """One completion's record: its lenient and strict answers and whether each is right."""
+    lenient, strict = extract_answer(text), strict_answer(text, style)
+    return {"completion": text, "tokens": tokens, "answer": lenient, "correct": is_correct(lenient, gold),
+            "strict_answer": strict, "strict_correct": strict is not None and is_correct(strict, gold)}

