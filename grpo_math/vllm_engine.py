@@ -33,14 +33,15 @@ def save_merged(model, tokenizer, folder):
 class VLLMEngine:
     """vLLM over a merged copy of ``model``; answers() returns what generate_answers returns."""
 
-    def __init__(self, model, tokenizer, max_model_len, seed=0):
+    def __init__(self, model, tokenizer, max_model_len, seed=0, dtype=None):
         prepare_vllm()
         from vllm import LLM
 
         self.tokenizer = tokenizer
         self.folder = tempfile.mkdtemp(prefix="grpo-math-vllm-")
         save_merged(model, tokenizer, self.folder)
-        self.llm = LLM(model=self.folder, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # the model's own
+        self.llm = LLM(model=self.folder, dtype=dtype,
                        max_model_len=max_model_len, seed=seed,
                        gpu_memory_utilization=0.4)  # beside the transformers model; lower it if out of memory
 
