@@ -36,7 +36,7 @@ models.prepare_vllm() sets VLLM_CPU_KVCACHE_SPACE, as for the trl backend's vLLM
 
 Not run here, because Unsloth drops it on this machine: the 4-bit load. bitsandbytes' CPU library lacks
 the 4-bit CUDA kernels (unsloth/bnb_availability.py:82), so unsloth/device_type.py:168 clears
-ALLOW_BITSANDBYTES and unsloth/models/loader.py:1290 clears load_in_4bit: vLLM loads fp16 weights.
+ALLOW_BITSANDBYTES and unsloth/models/loader.py:1292 clears load_in_4bit: vLLM loads fp16 weights.
 
 What blocks training (RESULT.json "blocked"), not stood in, since standing in for them would replace
 the code under test:
@@ -90,7 +90,9 @@ def blocker(what, error):
 
 
 def grpo_step(model, tokenizer, prompts, folder):
-    """One step of UnslothGRPOTrainer with the kit's GRPOConfig: (the rollouts vLLM wrote, the error)."""
+    """One step of UnslothGRPOTrainer with the kit's GRPOConfig: what it records, and the error that
+    stopped it. trl's GRPOTrainer, not the kit's subclass: on a CPU that swaps in the kit's weight sync
+    for TRL's colocate mode, which a GPU never does."""
     import trl
     from datasets import Dataset
 
@@ -109,11 +111,12 @@ def grpo_step(model, tokenizer, prompts, folder):
     trainer = trl.GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[recorded_reward],
                               args=train_synthetic.grpo_config(s, "unsloth", tokenizer, vllm=True),
                               train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
+    record = {"trainer": type(trainer).__name__, "use_vllm": trainer.use_vllm, "rollouts": rollouts}
     try:
         trainer.train()
     except Exception as e:
-        return rollouts, blocker("a GRPO step's forward", e)
-    return rollouts, None
+        return {**record, "trained": False}, blocker("a GRPO step's forward", e)
+    return {**record, "trained": True}, None
 
 
 def run(folder):
@@ -129,6 +132,10 @@ def run(folder):
     models.prepare_vllm()  # before the GPU is simulated: this machine's vLLM runs on its CPU
     base = os.path.join(folder, "base")
     model, tokenizer = models.tiny_model_and_tokenizer()
+    torch.manual_seed(1)
+    for p in model.parameters():  # varied greedy text, so that a wrong token shows
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
     model.save_pretrained(base)
     tokenizer.save_pretrained(base)
     simulate_gpu("t4")
@@ -136,8 +143,8 @@ def run(folder):
     model, tokenizer, vllm = models.load_unsloth(base, max_seq_length=256, lora_rank=4, fast_inference=True)
     import bitsandbytes
 
-    dtype = next(model.parameters()).dtype
-    result = {"load": {"vllm": vllm, "engine": type(model.vllm_engine).__name__, "dtype": str(dtype),
+    dtype, engine = model.dtype, type(model.vllm_engine)
+    result = {"load": {"vllm": vllm, "engine": f"{engine.__module__}.{engine.__name__}", "dtype": str(dtype),
                        "load_in_4bit_kept": any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in model.modules())}}
 
     kit = grpo_trainer.generation_args({"prompt_style": "xml"}, "unsloth", tokenizer, vllm=True)["vllm_sampling_params"]
@@ -172,8 +179,7 @@ def run(folder):
     result["lora"] = {"vllm_base": base_tokens, "vllm_lora": lora_tokens, **reference,
                       "changed": lora_tokens != base_tokens, "matches_peft": lora_tokens == reference["peft"]}
 
-    rollouts, error = grpo_step(model, tokenizer, prompts, folder)
-    result["training"] = {"rollouts": len(rollouts), "sample": rollouts[:1], "trained": error is None}
+    result["training"], error = grpo_step(model, tokenizer, prompts, folder)
     result["blocked"] = [error] if error else []
     from unsloth.kernels import fast_rms_layernorm
 
