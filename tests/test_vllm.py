@@ -192,3 +192,20 @@ def test_vllm_auto_without_vllm_says_generate(tmp_path):
     proc = run_script("train_synthetic.py", "--smoke", "--max-steps", "1", "--skip-evaluation",
                       "--output-dir", str(tmp_path / "run"))
     assert "generation: transformers generate() (--vllm auto: vLLM is not installed" in proc.stdout
+
+
+def test_ctrl_c_and_resume_with_vllm(tmp_path):
+    """Ctrl-C stops a vLLM run after the step under way, with a checkpoint, as without vLLM; --resume
+    starts vLLM again and trains on from that checkpoint to the end."""
+    need_vllm()
+    run = str(tmp_path / "run")
+    flags = ["--smoke", "--vllm", "on", "--max-steps", "3", "--output-dir", run]
+    stopped = run_script("tests/faults.py", "ctrl-c-after-step-1", "train_synthetic.py", *flags, check=False)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "stopped by Ctrl-C at step 2/3, checkpoint-2 saved" in stopped.stdout
+    assert "Traceback" not in stopped.stderr
+    resumed = run_script("train_synthetic.py", "--resume", "--output-dir", run)
+    assert "resuming from checkpoint-2 (step 2/3)" in resumed.stdout
+    assert "generation: vLLM, TRL's colocate mode (--vllm on)" in resumed.stdout
+    assert [e["step"] for e in stats_of(run)] == [0, 1, 2, 3]
+    assert "step    3/3 | reward" in resumed.stdout
