@@ -319,11 +319,12 @@ def main(argv=None):
                     samples=args.samples, temperature=args.temperature, seed=args.seed, ensemble=not args.no_ensemble,
                     examples=args.worked_examples, matched_compute=args.matched_compute,
                     perplexity=not args.no_perplexity)
+    prompts = []  # with vLLM: every prompt, so that its context fits the longest
     if args.engine == "vllm":
         print("engine: vLLM generates the agents' answers, from a merged copy of the model; the ensemble and the "
               "perplexity stay on transformers")
-    prompts = [render(tokenizer, ins, q["question"], args.prompt_style, args.worked_examples)
-               for ins in args.agent_dict.values() for q in questions + calibration]
+        prompts = [render(tokenizer, ins, q["question"], args.prompt_style, args.worked_examples)
+                   for ins in args.agent_dict.values() for q in questions + calibration]
 
     def run(model):
         with answer_engine(args.engine, model, tokenizer, prompts, args.max_new_tokens, args.seed) as engine:

@@ -18,9 +18,8 @@ The class is made by make_trainer_class() when it is needed, not on import: Unsl
 GRPOTrainer when it is imported, and the kit's class must subclass whichever is current.
 """
 
-from collections import defaultdict
-
 import functools
+from collections import defaultdict
 
 import torch
 
