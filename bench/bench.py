@@ -65,6 +65,12 @@ SMOKE = dict(shape="tiny", backends="trl", num_generations=4, completion_length=
 
 # ---------------------------------------------------------------------------- the model folder
 
+def missing_data(what, path):
+    """The one-line refusal when the offline data a GPU run reads is not at ``path``."""
+    return (f"{what} is not at {os.path.normpath(path)}: copy the data there first "
+            "(BENCHMARKS.md, \"The GPU check\": mkdir -p ../shared/data && cp -r .gpu-data/. ../shared/data/)")
+
+
 def save_random_model(shape, dims, folder):
     """Save a random-weight Qwen2.5-shaped model (``dims``) and the Qwen tokenizer, or with shape "tiny" the
     kit's tiny offline model and tokenizer, to ``folder``: a model folder any of the kit's scripts loads."""
@@ -184,6 +190,8 @@ def parse_args():
         vars(a).update({k: v for k, v in SMOKE.items() if k not in given})  # the flags given win
     else:
         a.dims = {f: getattr(a, f) or v for f, v in zip(SHAPE_FLAGS, SHAPES[a.shape])}
+        if not os.path.isfile(os.path.join(QWEN_TOKENIZER, "tokenizer_config.json")):
+            p.error(missing_data("the Qwen tokenizer", QWEN_TOKENIZER))
     a.bandwidth_mib = a.bandwidth_mib or (1024 if torch.cuda.is_available() else 256)
     if min(a.completion_length, a.prompt_length, a.lora_rank, a.steps, a.bandwidth_mib) < 1 or a.warmup < 0:
         p.error("--warmup must be at least 0, and every other size at least 1")

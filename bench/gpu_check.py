@@ -1,9 +1,9 @@
 """The GPU check: the kit's speed and memory claims, measured on one CUDA machine, in ten-minute calls.
 
-    python -m bench.gpu_check --out DIR --parts env,bench       # on the GPU: ratios and memory (8 min)
-    python -m bench.gpu_check --out DIR --parts t4,model        # the T4 case (6 min)
-    python -m bench.gpu_check --out DIR --parts train-chat,evaluate
-    python -m bench.gpu_check --out DIR --parts agents-1,profile
+    python -m bench.gpu_check --out DIR --parts bench           # on the GPU: ratios and memory (8 min)
+    python -m bench.gpu_check --out DIR --parts t4              # the T4 case (6 min)
+    python -m bench.gpu_check --out DIR --parts agents-1        # 1 agent against 4, and a profiled step
+    python -m bench.gpu_check --out DIR --parts env,model,train-chat,evaluate
     python -m bench.gpu_check --out DIR --parts train-xml,c128,c512
     python -m bench.gpu_check --out DIR --dry-run               # every part on the CPU: tiny model and shapes
 
@@ -11,7 +11,7 @@ Each part is one child process with a time limit of its own, its output in DIR/l
 a timeout is recorded and the next part runs; a part that would start with too little of --budget-s left
 is skipped and says so, and a later call with --parts runs it into the same DIR (the folder, the model
 part's included, must still be there). Every unsloth process spends minutes importing, loading and
-compiling before its second step, so the limits add up to about 45 minutes. Most important first:
+compiling before its second step, so the limits add up to about 55 minutes. Most important first:
 
     env         the GPU, its capability and memory, every version, the bundle's pins, and whether
                 unsloth patched trl
@@ -21,13 +21,14 @@ compiling before its second step, so the limits add up to about 45 minutes. Most
     model       the random-weight 1.5B-shaped model saved to a folder, with the Qwen tokenizer
     train-chat  train_gsm8k.py --max-steps 8 on that folder (64-token completions), unsloth, --save-merged
     evaluate    evaluate.py on train-chat's run, the ensemble included, 8 GSM8K questions
-    agents-1    bench.py, unsloth only, every prompt by one agent (bench's own prompts cycle four)
-    profile     bench.py, unsloth only, 1 warm-up + 1 timed step, then torch.profiler on one more
+    agents-1    bench.py, unsloth only, every prompt by one agent (bench's own prompts cycle four), then
+                torch.profiler on one more step: one process, so one compilation, serves both
     train-xml   train-chat with --prompt-style xml
     c128, c512  bench.py, unsloth only, at 128 and 512 completion tokens
 
 It writes DIR/gpu-check.json (every part's status, exit code, seconds and last 40 log lines, and every
-figure with its unit) and DIR/gpu-check.md (the tables for BENCHMARKS.md), both after every part.
+figure with its unit) and DIR/gpu-check.md (the tables for BENCHMARKS.md), both after every part. A GPU
+run reads the Qwen tokenizer and GSM8K from ../shared/data and is refused in one line where they are not.
 BENCHMARKS.md, "The GPU check", says how to build and carry the offline bundle it runs on.
 """
 
@@ -43,7 +44,7 @@ import subprocess
 import sys
 import time
 
-from bench.bench import ROWS, SHAPE_FLAGS, SHAPES, save_random_model
+from bench.bench import QWEN_TOKENIZER, ROWS, SHAPE_FLAGS, SHAPES, missing_data, save_random_model
 from grpo_math.runs import write_json_atomic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the kit's folder
@@ -72,27 +73,26 @@ def train_cmd(a, style, *flags):
 
 def parts(a):
     """[(name, time limit in s on the GPU, command)], most important first. The limits allow for what an
-    H200 showed (BENCHMARKS.md, "GPU figures"): 41 s to import unsloth and let it patch trl, an 82 s first
-    step, most of it compiling, then 10 s a step at 256 tokens; bench.py with a profiled step after 1 + 3
-    steps passed 300 s, and the T4 case passed 180 s before its first training pass had ended."""
+    H200 showed (BENCHMARKS.md, "GPU figures"): an unsloth process took 40 s to import Unsloth and load
+    the model, then 204 s for its first step (173 s of it the training pass, compiling), then 10-11 s a
+    step at 256 tokens; bench's trl process took 96 s for its 4 steps; bench in all, 407 s."""
     j = lambda name: os.path.join(a.out, name + ".json")
     unsloth = [] if a.dry_run else ["--backends", "unsloth"]
     return [
         ("env", 60, [PY, "-m", "bench.gpu_check", "--env", j("env")]),
-        ("bench", 420, bench_cmd(a, j("bench"), 3, 1)),
-        ("t4", 300, bench_cmd(a, j("t4"), 3, 1, *unsloth, "--fp16", "--memory-cap-gib", "15")),
+        ("bench", 480, bench_cmd(a, j("bench"), 3, 1)),
+        ("t4", 360, bench_cmd(a, j("t4"), 3, 1, *unsloth, "--fp16", "--memory-cap-gib", "15")),
         ("model", 60, [PY, "-m", "bench.gpu_check", "--save-model", os.path.join(a.out, "model")]
          + (["--tiny"] if a.dry_run else [])),
-        ("train-chat", 300, train_cmd(a, "chat", "--save-merged")),
+        ("train-chat", 360, train_cmd(a, "chat", "--save-merged")),
         ("evaluate", 150, [PY, os.path.join(ROOT, "evaluate.py"), "--model-name", os.path.join(a.out, "model"),
                            "--adapter", os.path.join(a.out, "runs", "chat"), "--dataset", GSM8K_DIR, "--n", "8",
                            "--calibration-n", "4", "--max-new-tokens", "16" if a.dry_run else "64",
                            "--out", os.path.join(a.out, "eval"), "--overwrite"]),
-        ("agents-1", 240, bench_cmd(a, j("agents-1"), 3, 1, *unsloth, "--agents", "1")),
-        ("profile", 300, bench_cmd(a, j("profile"), 1, 1, *unsloth, "--profile")),
-        ("train-xml", 300, train_cmd(a, "xml")),
-        ("c128", 240, bench_cmd(a, j("c128"), 3, 1, *unsloth, "--completion-length", "128")),
-        ("c512", 300, bench_cmd(a, j("c512"), 3, 1, *unsloth, "--completion-length", "512")),
+        ("agents-1", 360, bench_cmd(a, j("agents-1"), 3, 1, *unsloth, "--agents", "1", "--profile")),
+        ("train-xml", 360, train_cmd(a, "xml")),
+        ("c128", 300, bench_cmd(a, j("c128"), 3, 1, *unsloth, "--completion-length", "128")),
+        ("c512", 360, bench_cmd(a, j("c512"), 3, 1, *unsloth, "--completion-length", "512")),
     ]
 
 
@@ -283,6 +283,11 @@ def main():
                 "overwritten (or rerun some of its parts there with --parts)")
     if earlier and earlier["dry_run"] != a.dry_run:
         p.error(f"--out {a.out} holds a {'dry' if earlier['dry_run'] else 'GPU'} run: rerun its parts the same way")
+    if not a.dry_run:  # every GPU part reads them: refused here, not as a traceback in each part's log
+        for what, path, file in (("the Qwen tokenizer", QWEN_TOKENIZER, "tokenizer_config.json"),
+                                 ("GSM8K", GSM8K_DIR, "test.jsonl")):
+            if not os.path.isfile(os.path.join(path, file)):
+                p.error(missing_data(what, path))
     plan = parts(a)
     if a.parts:
         wanted = [n.strip() for n in a.parts.split(",") if n.strip()]

@@ -238,6 +238,11 @@ def load_unsloth(name, max_seq_length, lora_rank, seed=0, gpu_memory_utilization
     return model, tokenizer, vllm
 
 
+# An H200 showed it (BENCHMARKS.md, "GPU figures"): 204 s for the first step, then 11 s a step.
+FIRST_STEP_NOTE = ("step 1 also compiles Unsloth's training kernels: minutes before its line (3.4 on an H200, "
+                   "1.5B model, 256 tokens); the steps after it are much faster")
+
+
 def load_model(s, backend):
     """(model with LoRA, tokenizer, vllm): vllm is True when the rollouts are generated with vLLM.
     Prints which generates them, and why."""
@@ -248,6 +253,7 @@ def load_model(s, backend):
             fast_inference=vllm and unsloth_patched_trl(),
         )
         print("generation: " + (f"vLLM, Unsloth's ({why})" if vllm else "Unsloth's own generate (no vLLM)"))
+        print(FIRST_STEP_NOTE)
         return model, tokenizer, vllm
     if s["model_name"] == "tiny":
         model, tokenizer = tiny_model_and_tokenizer(seed=s["seed"])

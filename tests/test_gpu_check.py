@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bench import gpu_check
+from bench import bench, gpu_check
 from conftest import ROOT, need_gsm8k
 
 PY = sys.executable
@@ -144,6 +144,30 @@ def test_a_folder_holding_anything_is_not_written_over(tmp_path):
     assert os.listdir(tmp_path) == ["notes.txt"]
     proc = run_check("--out", str(tmp_path / "new"), "--dry-run", "--parts", "env,gpu")
     assert proc.returncode == 2 and "--parts: unknown gpu; choose from env, bench" in proc.stderr
+
+
+@pytest.mark.parametrize("missing", ["QWEN_TOKENIZER", "GSM8K_DIR"])
+def test_a_gpu_check_without_the_data_is_refused_before_any_part(tmp_path, monkeypatch, capsys, missing):
+    """On a fresh GPU machine ../shared/data is absent until copied there: each part used to fail on it
+    with a traceback in its log, after seconds of its limit."""
+    monkeypatch.setattr(gpu_check, missing, str(tmp_path / "absent"))
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--out", str(tmp_path / "check"), "--parts", "bench"])
+    with pytest.raises(SystemExit) as stop:
+        gpu_check.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"is not at {tmp_path / 'absent'}: copy the data there first" in err
+    assert "cp -r .gpu-data/. ../shared/data/" in err and not (tmp_path / "check").exists()
+
+
+def test_bench_without_the_qwen_tokenizer_is_refused_before_any_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "QWEN_TOKENIZER", str(tmp_path / "absent"))
+    monkeypatch.setattr(sys, "argv", ["bench", "--backends", "trl"])
+    with pytest.raises(SystemExit) as stop:
+        bench.parse_args()
+    assert stop.value.code == 2 and "the Qwen tokenizer is not at" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["bench", "--smoke"])  # the tiny model needs no data
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # --smoke sets it: restored after the test
+    assert bench.parse_args().shape == "tiny"
 
 
 def test_parts_rerun_into_a_check_keep_the_others(tmp_path):
