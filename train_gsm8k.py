@@ -50,7 +50,7 @@ from evaluate import quick_eval
 from rewards import STOP_TAG, get_reward_funcs
 
 # The plumbing, in grpo_math/: its __init__ says what each module holds.
-from grpo_math import held_out, models, progress, runs
+from grpo_math import distributed, held_out, models, progress, runs
 from grpo_math.grpo_trainer import generation_args, make_trainer_class
 from grpo_math.settings import bad_input_refused, check_enough_data, parse_settings
 
@@ -120,6 +120,7 @@ def grpo_config(s, backend, tokenizer, vllm=False):
         fp16=gpu and not bf16,
         gradient_checkpointing=gpu and backend == "trl",  # unsloth checkpoints its own way; the tiny CPU model needs none
         torch_empty_cache_steps=None,
+        ddp_find_unused_parameters=False,      # several processes: every LoRA weight gets a gradient each step
         # Logging and checkpoints.
         logging_steps=1,
         save_steps=s["save_steps"],
@@ -137,9 +138,11 @@ def main(argv=None):
     """The recipe, top to bottom. ``argv``: flags as on the command line; None takes the command
     line's, or none in a notebook, where DEFAULTS above are the settings."""
     # 1. Settings: DEFAULTS, then --smoke's, then a resumed run's config.json, then the flags. All that
-    #    can be checked is checked now, before the run folder is touched or a model loads.
+    #    can be checked is checked now, before the run folder is touched or a model loads. Under torchrun
+    #    or accelerate launch, the first process decides what to do with the run folder and writes it.
+    distributed.start()  # with one process, nothing
     s = parse_settings(__doc__, DEFAULTS, argv, add_args, SMOKE)
-    plan = runs.inspect_run(s)  # start, resume, overwrite...: refuses a folder it must not touch
+    plan = distributed.decide(runs.inspect_run, s)  # start, resume, overwrite...: refuses a folder it must not touch
     if plan["action"] == "finished":
         print(runs.describe(s, plan))
         return s
@@ -194,6 +197,8 @@ def main(argv=None):
             with progress.watch(trainer, s, stats, evaluation):
                 trainer.train(resume_from_checkpoint=plan["checkpoint"])
             step = trainer.state.global_step
+        if not distributed.is_main():
+            return s  # the first process writes the outputs
 
         # 8. Save the LoRA adapter and tokenizer (PeftModel.from_pretrained(base, RUN) reloads them).
         model.save_pretrained(s["output_dir"])

@@ -28,6 +28,7 @@ from rewards import STOP_TAG
 
 def make_trainer_class():
     """Subclass of whichever GRPOTrainer is current (Unsloth patches trl's on import)."""
+    from accelerate.utils import gather_object
     from trl import GRPOTrainer
 
     class KitGRPOTrainer(GRPOTrainer):
@@ -54,16 +55,18 @@ def make_trainer_class():
 
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
-            n = len(inputs)
             logged = getattr(self, "_logs", {}).get("rewards", {})
             if "agent" in inputs[0] and logged:
+                # TRL logs every process's rewards, gathered in process order: gather the rows the same way.
+                rows = gather_object([(row["agent"], row.get("answer")) for row in inputs])
+                n = len(rows)
                 totals = torch.zeros(n)
                 for name, weight in self.kit_reward_weights.items():
                     totals += weight * torch.tensor(list(logged[name])[-n:], dtype=torch.float).nan_to_num()
-                for row, total in zip(inputs, totals.tolist()):
-                    self.agent_rewards[row["agent"]].append(total)
+                for (agent, _), total in zip(rows, totals.tolist()):
+                    self.agent_rewards[agent].append(total)
                 completion = list(self._logs["completion"])[-1]
-                self.last_sample = (inputs[-1]["agent"], inputs[-1].get("answer"), completion, totals[-1].item())
+                self.last_sample = (*rows[-1], completion, totals[-1].item())
             return out
 
         def log(self, logs, start_time=None):

@@ -36,6 +36,7 @@ import time
 import torch
 
 from evaluate import quick_eval
+from grpo_math import distributed
 
 ACCURACY, FORMAT, SECONDS = "eval/accuracy", "eval/format_compliance", "eval/seconds"
 
@@ -54,7 +55,9 @@ def evaluation(model, tokenizer, rows, s, backend):
 
         def on_train_begin(self, args, state, control, **kwargs):
             if self.every and state.global_step == 0:  # a resumed run has its baseline already
-                self.trainer.log(self.evaluate(args))
+                result = self.evaluate(args)
+                if result:
+                    self.trainer.log(result)
 
         def on_step_end(self, args, state, control, **kwargs):
             step = state.global_step
@@ -63,6 +66,12 @@ def evaluation(model, tokenizer, rows, s, backend):
                 control.should_log = True
 
         def evaluate(self, args):
+            """The figures, on the first process; with several, the others wait for it (and get {})."""
+            result = self.score(args) if distributed.is_main() else {}
+            distributed.together()
+            return result
+
+        def score(self, args):
             start = time.perf_counter()
             with torch.random.fork_rng(), generating(self.model, self.backend, args.gradient_checkpointing):
                 result = quick_eval(self.model, self.tokenizer, self.rows, s["agents"], s["prompt_style"],

@@ -22,7 +22,7 @@ import subprocess
 
 import torch
 
-from grpo_math import hub
+from grpo_math import distributed, hub
 from grpo_math.offline import SMOLLM2, smollm2_gguf_path, tiny_model_and_tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -265,8 +265,10 @@ def load_model(s, backend):
         # The same seed makes the same model, so a resumed run writes the same files again.
         base_dir = os.path.abspath(os.path.join(s["output_dir"], "base-model"))
         if s["model_name"] == "tiny" or vllm:
-            model.save_pretrained(base_dir)
-            tokenizer.save_pretrained(base_dir)
+            if distributed.is_main():
+                model.save_pretrained(base_dir)
+                tokenizer.save_pretrained(base_dir)
+            distributed.together()  # with several processes, the others read it once it is whole
             model.config._name_or_path = model.name_or_path = base_dir
     print("generation: " + (f"vLLM, TRL's colocate mode ({why})" if vllm else f"transformers generate() ({why})"))
     if vllm:

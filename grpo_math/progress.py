@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from grpo_math import held_out, runs
+from grpo_math import distributed, held_out, runs
 from rewards import completion_text
 
 OOM_HINT = ("CUDA out of memory. Lower, in this order: --num-generations, --max-completion-length, "
@@ -61,7 +61,8 @@ def watch(trainer, s, stats, evaluation=None):
         raise SystemExit(OOM_HINT) from None
     step = trainer.state.global_step
     if progress.stop_requested and step < s["max_steps"]:
-        stop_message(s, stats, f"stopped by Ctrl-C at step {step}/{s['max_steps']}, checkpoint-{step} saved")
+        stop_message(s, stats, f"stopped by {progress.stopped_by} at step {step}/{s['max_steps']}, "
+                     f"checkpoint-{step} saved", together=True)
 
 
 @contextlib.contextmanager
@@ -76,15 +77,22 @@ def resumable(s, stats):
 
 def ctrl_c_before_training(main):
     """Ctrl-C before training began (while the data or model loads): one line and exit 130, no
-    traceback. Once training has begun, resumable() says how to continue."""
+    traceback. Once training has begun, resumable() says how to continue. With several processes,
+    each leaves the process group as it ends."""
 
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
         except KeyboardInterrupt:
             print("stopped by Ctrl-C before training began", flush=True)
+            distributed.finish()
             raise SystemExit(130) from None
+        except SystemExit:  # a refusal, or a stop after a step: every process ends here alike
+            distributed.finish()
+            raise
+        distributed.finish()  # not after a crash: the others may wait on this process, and the launcher ends them
+        return result
 
     return wrapped
 
@@ -104,6 +112,7 @@ def make_progress(s, stats):
             self.step_start = time.perf_counter()
             self.step_seconds = 0.0
             self.stop_requested = False
+            self.stopped_by = "Ctrl-C"  # or SIGTERM; on another process, the signal that reached that one
             self.warned = False  # the reward-hacking warning is printed once
 
         def on_step_begin(self, args, state, control, **kw):
@@ -114,6 +123,9 @@ def make_progress(s, stats):
             super().on_step_end(args, state, control, **kw)
             if state.global_step >= state.max_steps:
                 control.should_save = True  # always leave a checkpoint at the last step, for --resume
+            # Every process stops after the same step, whichever the signal reached first.
+            if distributed.anyone(self.stop_requested) and not self.stop_requested:
+                self.stop_requested, self.stopped_by = True, "a signal to another process"
             if self.stop_requested:
                 control.should_save = control.should_training_stop = True
 
@@ -121,6 +133,8 @@ def make_progress(s, stats):
             trained, evaluated = "reward" in logs, held_out.ACCURACY in logs
             if not (trained or evaluated):
                 return  # the summary logged after the last step
+            if not distributed.is_main():
+                return  # the first process writes the stats and prints the line
             step = state.global_step
             entry = {"step": step, **({"step_time": round(self.step_seconds, 3)} if trained else {}), **logs}
             stats[:] = [e for e in stats if e["step"] < step] + [entry]
@@ -153,32 +167,41 @@ def make_progress(s, stats):
 
 @contextlib.contextmanager
 def ctrl_c_stops_after_step(progress):
-    """The first Ctrl-C asks for a stop after the current step, with a checkpoint; a second one
-    raises KeyboardInterrupt as usual. A notebook's interrupt button sends the same signal."""
+    """The first Ctrl-C (or SIGTERM: a scheduler's, or torchrun's on Ctrl-C) asks for a stop after the
+    current step, with a checkpoint; a second one stops at once. A notebook's interrupt button sends
+    the same signal."""
+    handled = (signal.SIGINT, signal.SIGTERM)
 
     def request_stop(signum, frame):
-        progress.stop_requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\nCtrl-C: stopping after this step, with a checkpoint; Ctrl-C again stops at once", flush=True)
+        progress.stop_requested, progress.stopped_by = True, "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        for sig in handled:
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+        print(f"\n{progress.stopped_by}: stopping after this step, with a checkpoint; Ctrl-C again stops at once",
+              flush=True)
 
     try:
-        previous = signal.signal(signal.SIGINT, request_stop)
+        previous = {sig: signal.signal(sig, request_stop) for sig in handled}
     except ValueError:  # not the main thread, where only the default handling works
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        signal.signal(signal.SIGINT, previous[signal.SIGINT] or signal.default_int_handler)
+        signal.signal(signal.SIGTERM, previous[signal.SIGTERM] or signal.SIG_DFL)
 
 
-def stop_message(s, stats, what):
-    """Leave the plot of the steps so far, say how to continue, and exit 130 (as Ctrl-C does)."""
-    if stats:
+def stop_message(s, stats, what, together=False):
+    """Leave the plot of the steps so far, say how to continue, and exit 130 (as Ctrl-C does).
+    ``together``: every process stops here (after the same step), and none leaves before the first
+    has written the plot, since the launcher ends the others as soon as one process exits."""
+    if stats and distributed.is_main():
         plot_rewards(stats, os.path.join(s["output_dir"], "rewards.png"))
     checkpoint = runs.last_checkpoint(s["output_dir"])
     where = f"it continues from {os.path.basename(checkpoint)}" if checkpoint else "with no checkpoint yet it starts again"
     print(f"{what}; {where} with: {runs.resume_command(s['output_dir'])}", flush=True)
+    if together:
+        distributed.together()
     raise SystemExit(130)
 
 

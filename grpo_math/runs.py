@@ -28,7 +28,7 @@ import sys
 import time
 
 from agents import get_agents
-from grpo_math import models
+from grpo_math import distributed, models
 from grpo_math.settings import CONFIG_FILE, in_notebook
 
 STATS_FILE = "training_stats.json"
@@ -82,7 +82,9 @@ def resume_command(out, *flags):
     if in_notebook():
         return f"main({json.dumps(['--resume', '--output-dir', out, *flags])})"
     script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "train_gsm8k.py"
-    return " ".join(["python", script, "--resume", "--output-dir", out, *flags])
+    n = distributed.processes()  # the same count: settings.py refuses another
+    launcher = ["python"] if n == 1 else ["torchrun", "--nproc_per_node", str(n)]
+    return " ".join([*launcher, script, "--resume", "--output-dir", out, *flags])
 
 
 def inspect_run(s):
@@ -139,7 +141,15 @@ def describe(s, plan):
 
 def prepare_run(s, plan):
     """Make the folder ready for writing: only now is an old run moved aside (--overwrite), and
-    checkpoints that cannot be loaded removed, each one named."""
+    checkpoints that cannot be loaded removed, each one named. With several processes, the first one
+    does it while the others wait."""
+    if distributed.is_main():
+        _prepare_folder(s, plan)
+    distributed.together()
+    distributed.show_errors()  # past the refusals: each process's own errors are its own
+
+
+def _prepare_folder(s, plan):
     out = s["output_dir"]
     if plan["action"] == "overwrite":
         backup = f"{out.rstrip(os.sep)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -157,7 +167,10 @@ def prepare_run(s, plan):
 
 def write_config(s, backend, reason, vllm, n_prompts):
     """config.json, which --resume reads back: the resolved settings, the backend and why, the
-    precision, reward weights, agents and package versions. The settings are printed as one line."""
+    precision, reward weights, agents and package versions. The settings are printed as one line.
+    With several processes, the first one writes it."""
+    if not distributed.is_main():
+        return
     settings = {k: v for k, v in s.items() if k not in ("reward_weights", "max_seq_length")}
     write_json_atomic(os.path.join(s["output_dir"], CONFIG_FILE), {
         "settings": settings, "backend": backend, "backend_reason": reason, "vllm": vllm,

@@ -20,7 +20,7 @@ import os
 import sys
 
 from agents import WORKED_EXAMPLES, get_agents
-from grpo_math import models
+from grpo_math import distributed, models
 from rewards import GSM8K_REWARD_WEIGHTS, get_reward_funcs
 
 CONFIG_FILE = "config.json"  # in the run folder: the resolved settings, which --resume reads back
@@ -160,6 +160,13 @@ def parse_settings(description, defaults, argv=None, extra_args=None, smoke=None
     if given.get("resume") and os.path.exists(saved):
         with open(saved) as f:
             settings.update(json.load(f)["settings"])
+        if settings.get("processes", 1) != distributed.processes():
+            n = settings.get("processes", 1)
+            script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "train_gsm8k.py"
+            launch = f"python {script}" if n == 1 else f"torchrun --nproc_per_node {n} {script}"
+            parser.error(f"--resume: this run trained with {n} process{'es' * (n > 1)} and this launch has "
+                         f"{distributed.processes()}. Resume it with {n} ({launch} --resume ...): another count "
+                         "would change the global batch and the order of the data mid-run. Or start a new --output-dir.")
         settings["resume"] = settings["overwrite"] = False
     settings.update(given)
     try:
@@ -204,13 +211,17 @@ def validate(s):
     # Unsloth's and vLLM's context; each worked example lengthens the prompt by about 75 tokens.
     s["max_seq_length"] = s["max_prompt_length"] + 80 * s["worked_examples"] + s["max_completion_length"]
     if s["batch_size"] is None:
-        s["batch_size"] = s["num_generations"]  # one prompt's group per step: the unambiguous choice
-    per_generation = s["batch_size"] * s["gradient_accumulation_steps"]
-    if s["batch_size"] < 1 or per_generation % s["num_generations"]:
+        s["batch_size"] = s["num_generations"]  # one prompt's group per process and step: the unambiguous choice
+    # With torchrun or accelerate launch, each process takes --batch-size completions of a step.
+    s["processes"] = n = distributed.processes()
+    s["global_batch"] = s["batch_size"] * n * s["gradient_accumulation_steps"]
+    if s["batch_size"] < 1 or s["global_batch"] % s["num_generations"]:
+        what = "--batch-size x --gradient-accumulation-steps" if n == 1 else (
+            f"the global batch, --batch-size {s['batch_size']} x {n} processes x --gradient-accumulation-steps "
+            f"{s['gradient_accumulation_steps']}")
         raise ValueError(
-            f"--batch-size x --gradient-accumulation-steps = {per_generation} must be a multiple of "
-            f"--num-generations = {s['num_generations']} (each prompt's group of completions is scored "
-            f"together); for example --batch-size {s['num_generations']}"
+            f"{what} = {s['global_batch']} must be a multiple of --num-generations = {s['num_generations']} (each "
+            f"prompt's group of completions is scored together); for example --batch-size {s['num_generations']}"
         )
     s["reward_weights"] = parse_reward_spec(s["rewards"])
     get_agents(s["agents"])  # raises on a bad spec
@@ -239,7 +250,7 @@ def validate(s):
 
 def check_enough_data(s, n_train, n_held_out, n_prompts):
     """Refuse, before the model loads, data too small for one GRPO step."""
-    needed = s["batch_size"] * s["gradient_accumulation_steps"] // s["num_generations"]
+    needed = s["global_batch"] // s["num_generations"]
     if n_prompts < needed:
         raise SystemExit(
             f"too little data to train on: {n_train} training questions ({n_prompts} prompts over the agents) "

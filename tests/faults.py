@@ -9,6 +9,8 @@
     kill-in-final-save         SIGKILL with the final adapter half written, after the last step
     ctrl-c-after-step-N        SIGINT as soon as step N's stats are written: a user's Ctrl-C
     ctrl-c-twice-after-step-N  two SIGINTs there: a user who presses Ctrl-C again
+    kill-rank-R-after-step-N   with several processes (torchrun): SIGKILL to process R alone, as
+                               its step N ends (the others wait for it there)
 
 The faults are wrapped around the functions that write those files (runs.write_json_atomic,
 torch.save, PeftModel.save_pretrained); the script then runs as ``python SCRIPT [flags...]`` would.
@@ -71,6 +73,22 @@ def kill_in_final_save():
     PeftModel.save_pretrained = save_or_die
 
 
+def kill_rank_after_step(rank, n):
+    """SIGKILL process ``rank`` of several when it reaches the end of step ``n``, where every process
+    agrees whether to stop (distributed.anyone, once per step)."""
+    from grpo_math import distributed
+
+    anyone, ended = distributed.anyone, []
+
+    def count_or_die(flag):
+        ended.append(flag)
+        if distributed.rank() == rank and len(ended) == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return anyone(flag)
+
+    distributed.anyone = count_or_die
+
+
 def interrupt(times):
     def press_ctrl_c():
         for _ in range(times):
@@ -89,6 +107,9 @@ def main():
         kill_in_checkpoint(int(n))
     elif name == "kill-after-step":
         after_stats_of_step(int(n), lambda: os.kill(os.getpid(), signal.SIGKILL))
+    elif fault.startswith("kill-rank-"):
+        rank, step = fault.removeprefix("kill-rank-").split("-after-step-")
+        kill_rank_after_step(int(rank), int(step))
     elif name in ("ctrl-c-after-step", "ctrl-c-twice-after-step"):
         after_stats_of_step(int(n), interrupt(2 if "twice" in name else 1))
     else:

@@ -216,11 +216,20 @@ def train(args, rest):
     script.main(rest)
     trainer = made[0]
     model_dtype = next(trainer.model.parameters()).dtype
+    rank = os.environ.get("RANK")
+    if rank is not None:  # under torchrun: each process's trained LoRA, to compare them
+        from safetensors.torch import save_file
+
+        save_file({n: p.detach().float().contiguous() for n, p in trainer.model.named_parameters() if "lora_" in n},
+                  os.path.join(args.out, f"lora-rank{rank}.safetensors"))
+        if rank != "0":  # the first process alone writes the run folder, so only it can check it
+            return {}
     return {"trainer_bases": [c.__name__ for c in type(trainer).__mro__[1:3]], "bf16": trainer.args.bf16,
             "fp16": trainer.args.fp16, "optim": str(trainer.args.optim), "use_cpu": trainer.args.use_cpu,
             "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__module__,
             "model_dtype": str(model_dtype), "generation_kwargs": trainer.args.generation_kwargs,
             "weight_decay": trainer.args.weight_decay, "calls": calls,
+            "ddp_sync_wrapped": getattr(type(trainer).training_step, "_unsloth_grpo_ddp_sync_wrapped", False),
             "lora": lora_moved(trainer.model, lora_start, trainer.args.output_dir)}
 
 
