@@ -1,6 +1,7 @@
 """More than one process (torchrun, accelerate launch): which one writes, and how the others follow.
 
-    processes(), rank()   from the launcher's environment (WORLD_SIZE, RANK): 1 and 0 when run alone
+    processes(), rank()   from the launcher's environment (WORLD_SIZE, RANK): 1 and 0 when run alone;
+    local_rank()          LOCAL_RANK, the card of this process on its machine
     is_main()             rank 0, the one process that decides what to do with the run folder, writes
                           it (config.json, training_stats.json, rewards.png, eval.json, the adapter,
                           the exports) and prints; the Trainer writes the checkpoints as it always does
@@ -37,6 +38,11 @@ def processes():
 
 def rank():
     return int(os.environ.get("RANK", "0"))
+
+
+def local_rank():
+    """This process's card on its machine."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def is_main():

@@ -104,6 +104,12 @@ def choose_backend(requested="auto"):
         raise ValueError(f"--backend must be auto, unsloth or trl, got {requested!r}")
     if requested == "trl":
         return "trl", "requested with --backend trl"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":  # accelerate launch with accelerate_configs/zero*.yaml
+        why = ("the kit runs Unsloth on several GPUs with plain data parallelism (torchrun, or "
+               "accelerate_configs/ddp.yaml), not with DeepSpeed")
+        if requested == "unsloth":
+            raise SystemExit(f"--backend unsloth under DeepSpeed: {why}. Or use --backend trl")
+        return "trl", f"DeepSpeed: {why}"
     if gpu_capability() is None:
         reason = no_gpu_reason()
         if requested == "unsloth":
@@ -155,15 +161,18 @@ def fix_special_tokens(model, tokenizer):
 def load_kwargs(dtype=None, quantize=False):
     """from_pretrained's dtype, 4-bit and device arguments for this machine."""
     kwargs = {"dtype": dtype or compute_dtype()}
+    # accelerate launch with a DeepSpeed ZeRO-3 config (accelerate_configs/zero3.yaml): ZeRO-3 places and shards the
+    # weights itself, the 4-bit ones stored in the compute dtype (PEFT's recipe for QLoRA under ZeRO-3).
+    zero3 = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
     if quantize:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype(),
+            bnb_4bit_compute_dtype=compute_dtype(), **({"bnb_4bit_quant_storage": compute_dtype()} if zero3 else {}),
         )
-    if gpu_capability() is not None:
-        kwargs["device_map"] = {"": 0}
+    if gpu_capability() is not None and not zero3:
+        kwargs["device_map"] = {"": distributed.local_rank()}  # each process its own card (torchrun's LOCAL_RANK)
     return kwargs
 
 

@@ -221,3 +221,41 @@ def test_a_global_batch_that_splits_a_group_is_refused_before_loading(flags, num
     line = f"error: the global batch, {numbers} must be a multiple of --num-generations"
     assert (proc.stdout + proc.stderr).count(line) == 1, proc.stderr[-3000:]  # printed once, by the first process
     assert "backend:" not in proc.stdout and "Traceback (most recent call last):\n  File \"/" not in proc.stdout
+
+
+def test_each_process_loads_onto_its_own_card(monkeypatch):
+    """The trl backend's 4-bit load used to put every process on card 0."""
+    from grpo_math import models
+
+    monkeypatch.setattr(models, "gpu_capability", lambda: (8, 0))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", raising=False)
+    kwargs = models.load_kwargs(quantize=True)
+    assert kwargs["device_map"] == {"": 1} and kwargs["quantization_config"].bnb_4bit_quant_storage == torch.uint8
+    # under ZeRO-3 DeepSpeed places the weights, and shards the 4-bit ones stored in the compute dtype
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    kwargs = models.load_kwargs(quantize=True)
+    assert "device_map" not in kwargs
+    assert kwargs["quantization_config"].bnb_4bit_quant_storage == kwargs["dtype"] == torch.bfloat16
+
+
+def test_deepspeed_takes_the_trl_backend_and_refuses_unsloth(monkeypatch):
+    from grpo_math import models
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr(models, "gpu_capability", lambda: (8, 0))
+    backend, reason = models.choose_backend("auto")
+    assert backend == "trl" and reason.startswith("DeepSpeed: the kit runs Unsloth on several GPUs with plain data")
+    with pytest.raises(SystemExit, match="--backend unsloth under DeepSpeed: .* Or use --backend trl"):
+        models.choose_backend("unsloth")
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2", "zero3"])
+def test_the_accelerate_configs_load(name):
+    """accelerate reads each shipped config as the launcher would (DeepSpeed itself is not installed here)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(os.path.join(ROOT, "accelerate_configs", f"{name}.yaml"))
+    assert config.distributed_type.value == ("MULTI_GPU" if name == "ddp" else "DEEPSPEED")
+    if name != "ddp":
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
