@@ -19,6 +19,7 @@ On a 12-24 GB GPU (Colab, Kaggle, a consumer card), with the unsloth backend:
     python train_gsm8k.py                                  # Qwen2.5-1.5B-Instruct, 1000 questions
     python train_gsm8k.py --max-steps 500 --output-dir outputs/gsm8k-500
     python train_gsm8k.py --resume --max-steps 1000 --output-dir outputs/gsm8k-500
+    torchrun --nproc_per_node 2 train_gsm8k.py             # two GPUs (Kaggle's 2 x T4): README, "More than one GPU"
 
 Quick check of the whole pipeline on a CPU (tiny offline model and the 48 GSM8K rows in
 gsm8k_sample/, under a minute; --overwrite replaces the previous smoke run, kept aside):

@@ -23,6 +23,7 @@ On a 12-24 GB GPU:
     pip install -r requirements.txt                        # or: uv run train_synthetic.py
     python train_synthetic.py
     python train_synthetic.py --rewards correctness_reward,stop_tag_bonus --curriculum
+    torchrun --nproc_per_node 2 train_synthetic.py         # two GPUs: README, "More than one GPU"
 
 Quick check of the whole pipeline on a CPU (tiny offline model, under a minute; --overwrite
 replaces the previous smoke run, kept aside):

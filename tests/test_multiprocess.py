@@ -20,6 +20,8 @@ import torch
 from conftest import ROOT, SCRIPT_ENV, stats_of
 
 PY = sys.executable
+# gloo binds where the host name resolves, which can be another interface: keep every process on loopback
+ENV = {**SCRIPT_ENV, "PYTHONUNBUFFERED": "1", "GLOO_SOCKET_IFNAME": "lo"}
 SMOKE = ["--smoke", "--max-steps", "3", "--num-generations", "4", "--batch-size", "2"]  # a group spans both
 STEP_LINE = "step    {}/{} | reward"
 
@@ -50,7 +52,7 @@ class Launch:
         self.log = log
         with open(log, "w") as f:
             self.proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
-                                         start_new_session=True, env={**os.environ, **SCRIPT_ENV, "PYTHONUNBUFFERED": "1", **(env or {})})
+                                         start_new_session=True, env={**os.environ, **ENV, **(env or {})})
 
     def output(self):
         with open(self.log, errors="replace") as f:
@@ -60,8 +62,12 @@ class Launch:
         try:
             self.proc.wait(timeout=timeout)
         finally:
-            if self.proc.poll() is None:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+            if self.proc.poll() is None:  # the launcher ends its processes (each in a session of its own) on
+                os.kill(self.proc.pid, signal.SIGTERM)  # SIGTERM, within its 30 s shutdown timeout
+                try:
+                    self.proc.wait(timeout=45)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
         return self.proc.returncode, self.output()
 
 
@@ -89,13 +95,15 @@ def all_side_by_side(tmp):
                           env={"TORCHDYNAMO_DISABLE": "1", "UNSLOTH_COMPILE_LOCATION": str(tmp / "ucc"),
                                "ACCELERATE_USE_CPU": "1"}),
     }
-    # SIGTERM to the launcher (a scheduler's, or `kill`), once the run has trained a few steps
-    sigterm, deadline = first["sigterm"], time.monotonic() + 300
-    while STEP_LINE.format(3, 400) not in sigterm.output() and sigterm.proc.poll() is None:
-        assert time.monotonic() < deadline, sigterm.output()[-3000:]
-        time.sleep(0.2)
-    os.kill(sigterm.proc.pid, signal.SIGTERM)
-    done = {name: launch.wait() for name, launch in first.items()}
+    try:
+        # SIGTERM to the launcher (a scheduler's, or `kill`), once the run has trained a few steps
+        sigterm, deadline = first["sigterm"], time.monotonic() + 300
+        while STEP_LINE.format(3, 400) not in sigterm.output() and sigterm.proc.poll() is None:
+            assert time.monotonic() < deadline, sigterm.output()[-3000:]
+            time.sleep(0.2)
+        os.kill(sigterm.proc.pid, signal.SIGTERM)
+    finally:  # every launch ends here, also when the wait above fails
+        done = {name: launch.wait() for name, launch in first.items()}
     after = {name: {"stats": stats_of(out[name]) if os.path.exists(os.path.join(out[name], "training_stats.json"))
                     else [], "checkpoints": sorted(f for f in os.listdir(out[name]) if f.startswith("checkpoint-"))}
              for name in ("kill", "ctrl-c", "sigterm")}
@@ -104,7 +112,7 @@ def all_side_by_side(tmp):
         "ctrl-c": Launch(torchrun("train_synthetic.py", "--resume", "--output-dir", out["ctrl-c"]), tmp / "8.log"),
     }
     one = subprocess.run([PY, "train_synthetic.py", "--resume", "--output-dir", out["torchrun"], "--max-steps", "5"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **SCRIPT_ENV})
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
     return {"out": out, "first": done, "after": after, "resumed": {n: r.wait() for n, r in resumed.items()},
             "one_process_resume": one, "scratch": tmp / "scratch"}
 
@@ -210,13 +218,14 @@ def test_unsloths_trainer_syncs_gradients_across_two_processes(launched):
 
 
 @pytest.mark.parametrize("flags, numbers", [
-    (["--num-generations", "4", "--batch-size", "3"], "--batch-size 3 x 2 processes x --gradient-accumulation-steps 1 = 6"),
+    (["--num-generations", "4", "--batch-size", "3"],
+     "--batch-size 3 x 2 processes x --gradient-accumulation-steps 1 = 6"),
     (["--num-generations", "8", "--batch-size", "2", "--gradient-accumulation-steps", "3"],
      "--batch-size 2 x 2 processes x --gradient-accumulation-steps 3 = 12"),
 ])
 def test_a_global_batch_that_splits_a_group_is_refused_before_loading(flags, numbers):
     proc = subprocess.run(torchrun("train_synthetic.py", "--smoke", *flags, "--output-dir", "/nonexistent/run"),
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **SCRIPT_ENV})
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
     assert proc.returncode != 0
     line = f"error: the global batch, {numbers} must be a multiple of --num-generations"
     assert (proc.stdout + proc.stderr).count(line) == 1, proc.stderr[-3000:]  # printed once, by the first process
