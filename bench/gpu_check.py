@@ -11,7 +11,7 @@ Each part is one child process with a time limit of its own, its output in DIR/l
 a timeout is recorded and the next part runs; a part that would start with too little of --budget-s left
 is skipped and says so, and a later call with --parts runs it into the same DIR (the folder, the model
 part's included, must still be there). Every unsloth process spends minutes importing, loading and
-compiling before its second step, so the limits add up to about 55 minutes. Most important first:
+compiling before its second step, so the limits add up to about 48 minutes. Most important first:
 
     env         the GPU, its capability and memory, every version, the bundle's pins, and whether
                 unsloth patched trl
