@@ -9,6 +9,7 @@
     kill-in-final-save         SIGKILL with the final adapter half written, after the last step
     ctrl-c-after-step-N        SIGINT as soon as step N's stats are written: a user's Ctrl-C
     ctrl-c-twice-after-step-N  two SIGINTs there: a user who presses Ctrl-C again
+    sigterm-after-step-N       SIGTERM there: a scheduler's (or a launcher's) stop
     kill-rank-R-after-step-N   with several processes (torchrun): SIGKILL to process R alone, as
                                its step N ends (the others wait for it there)
 
@@ -89,10 +90,10 @@ def kill_rank_after_step(rank, n):
     distributed.anyone = count_or_die
 
 
-def interrupt(times):
+def interrupt(times, sig=signal.SIGINT):
     def press_ctrl_c():
         for _ in range(times):
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
 
     return press_ctrl_c
 
@@ -112,6 +113,8 @@ def main():
         kill_rank_after_step(int(rank), int(step))
     elif name in ("ctrl-c-after-step", "ctrl-c-twice-after-step"):
         after_stats_of_step(int(n), interrupt(2 if "twice" in name else 1))
+    elif name == "sigterm-after-step":
+        after_stats_of_step(int(n), interrupt(1, signal.SIGTERM))
     else:
         raise SystemExit(f"unknown fault {fault!r}; see the docstring of {__file__}")
     sys.argv = [script, *flags]

@@ -47,6 +47,7 @@ FAULTS = {
     "kill-in-final-save": (-9, "training reached step 4 before the run stopped; writing its outputs from checkpoint-4"),
     "ctrl-c-after-step-2": (130, "resuming from checkpoint-3"),  # stops after the step under way, step 3
     "ctrl-c-twice-after-step-3": (130, "resuming from checkpoint-2"),  # stops at once, losing step 3
+    "sigterm-after-step-2": (130, "resuming from checkpoint-3"),  # a scheduler's stop: as Ctrl-C
 }
 
 
@@ -115,6 +116,7 @@ def test_kill_in_the_final_save_finishes_without_training_again(runs_dir):
 @pytest.mark.parametrize("fault, line", [
     ("ctrl-c-after-step-2", "stopped by Ctrl-C at step 3/4, checkpoint-3 saved; it continues from checkpoint-3 with: "),
     ("ctrl-c-twice-after-step-3", "stopped by Ctrl-C at step 3/4; it continues from checkpoint-2 with: "),
+    ("sigterm-after-step-2", "stopped by SIGTERM at step 3/4, checkpoint-3 saved; it continues from checkpoint-3 with: "),
 ])
 def test_ctrl_c_says_where_the_run_stopped_and_how_to_continue(fault, line, runs_dir):
     after, out = runs_dir["after_fault"][fault], runs_dir["out"][fault]
