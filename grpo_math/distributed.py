@@ -2,6 +2,7 @@
 
     processes(), rank()   from the launcher's environment (WORLD_SIZE, RANK): 1 and 0 when run alone;
     local_rank()          LOCAL_RANK, the card of this process on its machine
+    launch(n)             how to start this script on n processes: python SCRIPT, or torchrun ... SCRIPT
     is_main()             rank 0, the one process that decides what to do with the run folder, writes
                           it (config.json, training_stats.json, rewards.png, eval.json, the adapter,
                           the exports) and prints; the Trainer writes the checkpoints as it always does
@@ -43,6 +44,11 @@ def rank():
 def local_rank():
     """This process's card on its machine."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def launch(n):
+    script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "train_gsm8k.py"
+    return f"python {script}" if n == 1 else f"torchrun --nproc_per_node {n} {script}"
 
 
 def is_main():

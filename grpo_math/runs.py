@@ -24,7 +24,6 @@ trainer_state.json parses.
 import json
 import os
 import shutil
-import sys
 import time
 
 from agents import get_agents
@@ -81,10 +80,8 @@ def resume_command(out, *flags):
     notebook, the call of the script's main() to put in a cell."""
     if in_notebook():
         return f"main({json.dumps(['--resume', '--output-dir', out, *flags])})"
-    script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "train_gsm8k.py"
-    n = distributed.processes()  # the same count: settings.py refuses another
-    launcher = ["python"] if n == 1 else ["torchrun", "--nproc_per_node", str(n)]
-    return " ".join([*launcher, script, "--resume", "--output-dir", out, *flags])
+    # the same process count: settings.py refuses another
+    return " ".join([distributed.launch(distributed.processes()), "--resume", "--output-dir", out, *flags])
 
 
 def inspect_run(s):

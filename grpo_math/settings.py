@@ -160,13 +160,12 @@ def parse_settings(description, defaults, argv=None, extra_args=None, smoke=None
     if given.get("resume") and os.path.exists(saved):
         with open(saved) as f:
             settings.update(json.load(f)["settings"])
-        if settings.get("processes", 1) != distributed.processes():
-            n = settings.get("processes", 1)
-            script = os.path.basename(sys.argv[0]) if sys.argv[0].endswith(".py") else "train_gsm8k.py"
-            launch = f"python {script}" if n == 1 else f"torchrun --nproc_per_node {n} {script}"
+        n = settings.get("processes", 1)
+        if n != distributed.processes():
             parser.error(f"--resume: this run trained with {n} process{'es' * (n > 1)} and this launch has "
-                         f"{distributed.processes()}. Resume it with {n} ({launch} --resume ...): another count "
-                         "would change the global batch and the order of the data mid-run. Or start a new --output-dir.")
+                         f"{distributed.processes()}. Resume it with {n} ({distributed.launch(n)} --resume ...): "
+                         "another count would change the global batch and the order of the data mid-run. "
+                         "Or start a new --output-dir.")
         settings["resume"] = settings["overwrite"] = False
     settings.update(given)
     try:
