@@ -26,7 +26,7 @@ import torch
 
 from rewards import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, STOP_TAG, normalize_number
 
-# Three documented sets of four agents. Users may pass their own dict, list or "a|b|c" string.
+# Documented sets of four agents. Users may pass their own dict, list or "a|b|c" string.
 AGENT_SETS = {
     "core": {
         "step_by_step": "Solve step by step.",
@@ -46,8 +46,17 @@ AGENT_SETS = {
         "student": "You are a top student. Show each step of your work.",
         "skeptic": "You are a skeptic. Question every assumption before answering.",
     },
+    # For --tools calculator (grpo_math/calculator.py): when to call it. The chat template shows the model
+    # the tool and how to call it; these say when.
+    "calculator": {
+        "calc_every_step": "Use the calculator for every calculation, then give the final answer.",
+        "calc_hard_parts": "Do easy sums in your head; use the calculator for large numbers, decimals and division.",
+        "calc_check": "Solve it yourself, then check your final calculation with the calculator.",
+        "calc_one_expression": "Write the whole solution as one expression and evaluate it with the calculator.",
+    },
 }
 DEFAULT_AGENT_SET = "core"
+TOOL_AGENT_SETS = {"calculator": "calculator"}  # an agent set that asks for a tool, and the tool: --tools must give it
 
 SYSTEM_PROMPT = (
     "You are given a math problem. Think about it and show your working out between "
@@ -59,8 +68,8 @@ SYSTEM_PROMPT = (
 def get_agents(spec=None):
     """Resolve an agent spec to an ordered {name: instruction} dict.
 
-    spec: None (the default set), a set name ("core", "strategies", "personas"), a count "N"
-    (the first N of all sets in order), instructions separated by "|", a list of
+    spec: None (the default set), a set name ("core", "strategies", "personas", "calculator"), a
+    count "N" (the first N of the sets in order, those asking for a tool left out), instructions separated by "|", a list of
     instructions, or a dict.
     """
     if spec is None:
@@ -73,7 +82,7 @@ def get_agents(spec=None):
     elif isinstance(spec, (list, tuple)):
         agents = {f"agent{i}": str(text) for i, text in enumerate(spec)}
     elif is_count:
-        every = {k: v for s in AGENT_SETS.values() for k, v in s.items()}
+        every = {k: v for name, s in AGENT_SETS.items() if name not in TOOL_AGENT_SETS for k, v in s.items()}
         n = int(spec)
         if not 1 <= n <= len(every):
             raise ValueError(f"agent count must be between 1 and {len(every)}, got {n}")

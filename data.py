@@ -10,6 +10,7 @@ Both return a datasets.Dataset with three columns:
     load_gsm8k("../shared/data/gsm8k", split="test")    # a folder holding test.jsonl
     load_gsm8k(GSM8K_SAMPLE)                            # the 48 rows shipped in gsm8k_sample/
     synthetic_problems(100, difficulty="hard", seed=1)  # 3-4 arithmetic steps each
+    load_questions("../shared/data/gsm8k", "test", 200, 20, seed=0)  # evaluate.py's scored and calibration rows
 
 A hub id that is not cached fails at once (hub.HubUnavailable) when the hub cannot be reached,
 naming the shipped sample as the way to go on.
@@ -203,3 +204,22 @@ def synthetic_problems(n, difficulty="easy", seed=0):
             "difficulty": difficulty,
         })
     return Dataset.from_list(rows)
+
+
+def load_questions(dataset, split, n, calibration_n, seed):
+    """(scored, calibration): disjoint slices of one seeded shuffle of the split, or of
+    synthetic_problems(n + calibration_n, level, seed) for "synthetic:level"; rows keep their cot."""
+    if dataset.startswith("synthetic:"):
+        rows = synthetic_problems(n + calibration_n, dataset.split(":", 1)[1], seed=seed).to_list()
+        return rows[:n], rows[n:]
+    try:
+        rows = load_gsm8k(dataset, split).to_list()
+    except hub.HubUnavailable as e:
+        raise SystemExit(str(e))  # it names --dataset itself
+    except (ValueError, OSError) as e:  # OSError: a missing file, or the hub failing mid-download
+        raise SystemExit(f"--dataset: {e}")
+    if n + calibration_n > len(rows):
+        raise SystemExit(f"{dataset} [{split}] has {len(rows)} questions, but --n {n} plus "
+                         f"--calibration-n {calibration_n} needs {n + calibration_n}; lower one of them")
+    random.Random(seed).shuffle(rows)
+    return rows[:n], rows[n : n + calibration_n]

@@ -51,6 +51,9 @@ The agents' answers come from transformers' model.generate, or with --engine vll
 merged copy of the model (grpo_math/vllm_engine.py). The ensemble and the perplexity need the
 model's hidden states and logits, so they stay on transformers with either engine.
 
+--tools calculator: every agent answers again, greedy, with the calculator callable (the training's tool
+loop, grpo_math/tools.py): accuracy without and with it side by side; each answer's calls in eval.json.
+
 quick_eval is the training scripts' smaller check of a run: the first agent's greedy answers on
 held-out rows, graded the same way, with no votes and no ensemble.
 """
@@ -58,16 +61,16 @@ held-out rows, graded the same way, with no votes and no ensemble.
 import argparse
 import json
 import os
-import random
 import time
 
 import torch
 
 from agents import _ensemble_ids  # ensemble_generate's loop, which also returns the token ids
 from agents import WORKED_EXAMPLES, build_prompt, get_agents
-from data import GSM8K_HUB_ID, load_gsm8k, synthetic_problems
+from data import GSM8K_HUB_ID, load_questions, synthetic_problems  # noqa: F401  (load_questions: evaluate's API)
 from grpo_math.answers import grade, strict_answer  # noqa: F401  (strict_answer: evaluate's API)
 from grpo_math.hub import HubUnavailable
+from grpo_math import tools as tool_calls
 from grpo_math.models import check_source, load_adapter, load_pretrained, vllm_available
 from grpo_math.report import compare, write_reports
 from grpo_math.scoring import agent_accuracy, reference_perplexity, run_matched, score
@@ -116,6 +119,9 @@ def parse_args(argv=None):
     g.add_argument("--matched-compute", action="store_true", help="also the K agents' vote against the "
                    "best agent's K samples (both at --temperature) and its greedy answer (grpo_math/scoring.py)")
     g.add_argument("--no-perplexity", action="store_true", help="skip the perplexity of the reference solutions")
+    g.add_argument("--tools", default="", help="tools the agents may call (calculator, grpo_math/tools.py): each agent "
+                   "answers again, greedy, with them, beside its answers without; chat prompts only")
+    g.add_argument("--max-tool-calls", type=int, default=3, help="rounds of tool calls per answer, with --tools")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="output folder (default: <adapter>/eval, else eval-<model name>)")
     g.add_argument("--overwrite", action="store_true", help="write into an existing non-empty --out")
@@ -150,6 +156,10 @@ def parse_args(argv=None):
         args.agent_dict = get_agents(args.agents)
     except ValueError as e:
         p.error(f"--agents: {e}")
+    try:
+        args.tool_funcs = tool_calls.evaluation_tools(args)
+    except ValueError as e:
+        p.error(str(e))
     if args.matched_compute and len(args.agent_dict) < 2:
         p.error("--matched-compute pits K agents against one agent's K samples: give --agents 2 or more")
     if args.out is None:
@@ -160,25 +170,6 @@ def parse_args(argv=None):
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         p.error(f"--out {args.out!r} exists and is not empty; pass another folder or --overwrite")
     return args
-
-
-def load_questions(dataset, split, n, calibration_n, seed):
-    """(scored, calibration): disjoint slices of one seeded shuffle of the split, or of
-    synthetic_problems(n + calibration_n, level, seed) for "synthetic:level"; rows keep their cot."""
-    if dataset.startswith("synthetic:"):
-        rows = synthetic_problems(n + calibration_n, dataset.split(":", 1)[1], seed=seed).to_list()
-        return rows[:n], rows[n:]
-    try:
-        rows = load_gsm8k(dataset, split).to_list()
-    except HubUnavailable as e:
-        raise SystemExit(str(e))  # it names --dataset itself
-    except (ValueError, OSError) as e:  # OSError: a missing file, or the hub failing mid-download
-        raise SystemExit(f"--dataset: {e}")
-    if n + calibration_n > len(rows):
-        raise SystemExit(f"{dataset} [{split}] has {len(rows)} questions, but --n {n} plus "
-                         f"--calibration-n {calibration_n} needs {n + calibration_n}; lower one of them")
-    random.Random(seed).shuffle(rows)
-    return rows[:n], rows[n : n + calibration_n]
 
 
 def render(tokenizer, instruction, question, style, examples=0):
@@ -219,10 +210,11 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=16, s
 
 def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max_new_tokens=256, batch_size=16,
              samples=1, temperature=0.0, seed=0, ensemble=True, examples=0, matched_compute=False, perplexity=True,
-             engine=None):
+             engine=None, tools=(), max_tool_calls=3):
     """Generate, grade, vote and ensemble on ``questions``; weights come from ``calibration`` only.
     Then the matched-compute baselines and the reference solutions' perplexity (grpo_math/scoring.py).
-    ``engine``: a VLLMEngine over the same model generates the agents' answers; None, generate()."""
+    ``engine``: a VLLMEngine over the same model generates the agents' answers; None, generate().
+    ``tools``: every agent answers again with them callable (grpo_math/tools.py), side by side."""
     stop = STOPS[style]
 
     def ask(rows, instruction, k, temperature, seed):
@@ -283,19 +275,28 @@ def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max
     summary["reference_perplexity"] = reference_perplexity(
         model, tokenizer, questions, records, lambda q: render(tokenizer, first, q, style, examples), style,
         batch_size) if perplexity else None
+    summary["tools"] = tool_calls.compare_with_tools(model, tokenizer, records, summary, agents, tools, max_new_tokens,
+                                                     max_tool_calls, batch_size, examples) if tools else None
     summary["calibration"] = {"n": len(calibration), "seconds": calibration_s, "accuracy": weights}
     summary["questions"] = records
     return summary
 
 
-def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens, examples=0):
+def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens, examples=0, tools=(), max_tool_calls=3):
     """Greedy answers of the first agent on held-out rows, generated and graded as evaluate() does
-    (rewards.extract_answer and is_correct): accuracy and format compliance."""
+    (rewards.extract_answer and is_correct): accuracy and format compliance. With ``tools``, the model
+    may call them, as in training (--tools), and each record keeps its calls."""
     instruction = next(iter(get_agents(agents).values()))
-    prompts = [render(tokenizer, instruction, r["question"], style, examples) for r in rows]
-    answers = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=8, stop=STOPS[style])
-    records = [{"question": r["question"], "gold": r["answer"], **grade(text, r["answer"], style, tokens)}
-               for r, [(text, tokens)] in zip(rows, answers)]
+    if tools:
+        answers = tool_calls.answer_with_tools(model, tokenizer, [build_prompt(instruction, r["question"], style,
+                                               examples) for r in rows], tools, max_new_tokens, max_tool_calls,
+                                               stop=STOPS[style])
+    else:
+        prompts = [render(tokenizer, instruction, r["question"], style, examples) for r in rows]
+        answers = [(text, tokens, None) for [(text, tokens)] in generate_answers(
+            model, tokenizer, prompts, max_new_tokens, batch_size=8, stop=STOPS[style])]
+    records = [{"question": r["question"], "gold": r["answer"], **grade(text, r["answer"], style, tokens),
+                **({"tool_calls": calls} if tools else {})} for r, (text, tokens, calls) in zip(rows, answers)]
     n = len(records)
     return {"n": n, "agent": instruction, "accuracy": sum(r["correct"] for r in records) / n,
             "format_compliance": sum(r["strict_answer"] is not None for r in records) / n, "records": records}
@@ -308,9 +309,11 @@ def main(argv=None):
     except HubUnavailable as e:
         raise SystemExit(str(e))
     questions, calibration = load_questions(args.dataset, args.split, args.n, args.calibration_n, args.seed)
-    config = {k: v for k, v in vars(args).items() if k != "agent_dict"} | {"agents": args.agent_dict}
+    config = {k: v for k, v in vars(args).items() if k not in ("agent_dict", "tool_funcs")} | {"agents": args.agent_dict}
     print("config:", json.dumps(config))
+    tool_calls.check_model(args.model_name, args.tool_funcs)  # a template that can show tools, before the model loads
     model, tokenizer = load_pretrained(args.model_name)
+    tool_calls.check_tokenizer(tokenizer, args.model_name, args.tool_funcs)  # and the parser that reads them back
     model.eval()
     os.makedirs(args.out, exist_ok=True)  # once the model has loaded: a failed load leaves no empty folder
     if args.prompt_style == "chat" and not tokenizer.chat_template:
@@ -318,7 +321,7 @@ def main(argv=None):
     settings = dict(style=args.prompt_style, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     samples=args.samples, temperature=args.temperature, seed=args.seed, ensemble=not args.no_ensemble,
                     examples=args.worked_examples, matched_compute=args.matched_compute,
-                    perplexity=not args.no_perplexity)
+                    perplexity=not args.no_perplexity, tools=args.tool_funcs, max_tool_calls=args.max_tool_calls)
     prompts = []  # with vLLM: every prompt, so that its context fits the longest
     if args.engine == "vllm":
         print("engine: vLLM generates the agents' answers, from a merged copy of the model; the ensemble and the "

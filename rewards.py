@@ -10,13 +10,20 @@ Every reward is a pure named function ``f(completions, **kwargs) -> list[float |
 that ``trl.GRPOTrainer(reward_funcs=[...])`` accepts as it is:
 
 * ``completions`` are plain strings, or conversational (a list of ``{"role", "content"}``
-  messages, of which the last one is graded);
+  messages, of which the model's last one is graded);
 * dataset columns such as ``answer`` arrive as keyword arguments, one value per completion;
 * ``None`` means "cannot be graded" (no reference answer), and TRL skips it.
 
 The function's name is its metric name (TRL logs ``rewards/<name>/mean``), and ``REWARDS``
 at the bottom maps each name to its function. To add a reward, write a function with the
 signature above and a one-line docstring giving its range, then add it to ``REWARDS``.
+
+With tools (--tools calculator), a completion holds the model's tool calls, each tool's result
+and then the model's answer; every reward here grades that last answer only, never a tool's
+result. No reward pays for calling a tool as such: a reward for calls would teach the model to
+call for its own sake (one call per answer, needed or not). A call pays only through the answer
+it helps get right. Keep it so in a reward of your own; to watch tool use, read the logged
+tools/call_frequency and tools/accuracy_with_call, not a reward.
 
 >>> correctness_reward(["... so she has <SOLUTION>1,000</SOLUTION>"], answer=["1000"])
 [1.0]

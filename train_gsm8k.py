@@ -51,7 +51,7 @@ from evaluate import quick_eval
 from rewards import STOP_TAG, get_reward_funcs
 
 # The plumbing, in grpo_math/: its __init__ says what each module holds.
-from grpo_math import distributed, held_out, models, progress, runs
+from grpo_math import distributed, held_out, models, progress, runs, tools
 from grpo_math.grpo_trainer import generation_args, make_trainer_class
 from grpo_math.settings import bad_input_refused, check_enough_data, parse_settings
 
@@ -153,6 +153,7 @@ def main(argv=None):
     export.check_exports(s["model_name"], s["save_merged"], s["save_gguf"], backend, reason)
     with bad_input_refused():  # a hub id the hub cannot be asked about: one line, at once
         models.check_source(s["model_name"])
+    tools.check_model(s["model_name"], s["tool_names"])  # --tools: a chat template that can show them
 
     # 2. Data: GSM8K questions and their final numbers; the first --eval-examples are held out.
     with bad_input_refused():
@@ -169,6 +170,7 @@ def main(argv=None):
     # 4. Model and LoRA: Unsloth's 4-bit model (vLLM generates where installed), or transformers + PEFT.
     runs.prepare_run(s, plan)  # only now is an old run moved aside (--overwrite)
     model, tokenizer, vllm = models.load_model(s, backend)
+    tools.check_tokenizer(tokenizer, s["model_name"], s["tool_names"], backend)  # and TRL's parser for the calls
     runs.write_config(s, backend, reason, vllm, len(dataset))
     stats = runs.load_stats(s["output_dir"], plan["step"])  # the steps so far, on --resume
 
@@ -184,6 +186,7 @@ def main(argv=None):
         processing_class=tokenizer,
         reward_weights=s["reward_weights"],
         stop_strings=[STOP_TAG] if s["prompt_style"] == "xml" else None,
+        tools=tools.get_tools(s["tools"]) or None,  # --tools: the model may call them while it answers
     )
 
     # 7. Train: one line per step, training_stats.json as it goes, a checkpoint every --save-steps.
@@ -211,7 +214,8 @@ def main(argv=None):
         if eval_rows and not s["skip_evaluation"]:
             model = models.for_inference(model, backend)
             result = quick_eval(model, tokenizer, eval_rows, s["agents"], s["prompt_style"], s["max_completion_length"],
-                                examples=s["worked_examples"])
+                                examples=s["worked_examples"], tools=tools.get_tools(s["tools"]),
+                                max_tool_calls=s["max_tool_calls"])
             runs.write_json_atomic(os.path.join(s["output_dir"], "eval.json"), result)
             print(f"quick evaluation on {result['n']} held-out questions: accuracy {result['accuracy']:.3f}, "
                   f"format compliance {result['format_compliance']:.3f}")

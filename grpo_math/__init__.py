@@ -15,6 +15,8 @@ Training
     runs          the run folder: start, reuse, --overwrite, --resume, finish; config.json; atomic JSON
     distributed   torchrun / accelerate launch: the first process decides and writes, every one stops alike
     hub           one quick question to the Hugging Face hub before a model or data set is loaded from it
+    tools         --tools: the tools the model may call (TOOLS), the chat-template checks, evaluate.py's tool loop
+    calculator    the calculator tool: arithmetic on a whitelisted syntax tree, never executed; how to write a tool
 
 Grading and reporting
     answers       extract_answer -> is_correct, and the answer tags: the rewards and the evaluation share them

@@ -52,13 +52,15 @@ _SOLUTION_SPAN_RE = re.compile(re.escape(SOLUTION_START) + r".*?" + re.escape(SO
 
 
 def completion_text(completion):
-    """The text of one completion: a string, or the content of the last chat message."""
+    """The text of one completion: a string, or the content of the model's last chat message. With tools
+    (--tools), a completion is several turns, and a tool's result is never read as the model's answer."""
     if isinstance(completion, str):
         return completion
     if isinstance(completion, dict):
-        return str(completion.get("content", ""))
-    if isinstance(completion, (list, tuple)) and completion:
-        return completion_text(completion[-1])
+        return str(completion.get("content") or "")
+    if isinstance(completion, (list, tuple)):
+        own = [m for m in completion if not isinstance(m, dict) or m.get("role", "assistant") == "assistant"]
+        return completion_text(own[-1]) if own else ""
     return ""
 
 

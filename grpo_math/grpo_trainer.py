@@ -2,6 +2,11 @@
 
     per-agent rewards  each agent's mean reward is logged as agents/<name>/reward, beside TRL's
                        rewards/<name>/mean, reward, reward_std and frac_reward_zero_std
+    tool use           with tools (--tools), beside TRL's tools/call_frequency (calls per completion)
+                       and tools/failure_frequency (failed calls per call, where a tool's error string
+                       counts as a failure too, not only an exception): the share of correct answers
+                       among completions that called a tool, tools/accuracy_with_call, and among those
+                       that did not, tools/accuracy_without_call
     a sample           the last completion of each step, for the progress line's sample
     extra_logs         metrics that join the next log, and so the trackers: the held-out
                        evaluation of held_out.py
@@ -23,6 +28,9 @@ from collections import defaultdict
 
 import torch
 
+from grpo_math import tools
+from grpo_math.answers import completion_text, extract_answer, is_correct
+from grpo_math.calculator import ERROR_PREFIX
 from rewards import STOP_TAG
 
 
@@ -39,6 +47,8 @@ def make_trainer_class():
             self.kit_reward_weights = reward_weights
             self.agent_rewards = defaultdict(list)
             self.last_sample = None
+            self.tool_outcomes = []  # (called a tool, correct) per completion, until the next log
+            self.tool_completions = None  # the last batch's completions, as the tool loop left them
             self.extra_logs = {}  # added to the next log (held_out.evaluation puts its results here)
             trl_colocate = getattr(self, "vllm_generation", None) is not None and self.args.vllm_mode == "colocate"
             if trl_colocate and GRPOTrainer.__name__ == "GRPOTrainer" and not torch.cuda.is_available():  # not Unsloth's
@@ -53,8 +63,22 @@ def make_trainer_class():
 
                 self.model.generate = generate_with_tokenizer
 
+        def _tool_call_loop(self, *args, **kwargs):
+            out = list(super()._tool_call_loop(*args, **kwargs))
+            completions = out[1]
+            # TRL counts a tool that raised; the kit's tools answer an error string instead, which fails too.
+            out[5] += sum(str(m.get("content")).startswith(ERROR_PREFIX) for c in completions for m in c
+                          if m.get("role") == "tool")
+            self.tool_completions = completions
+            return tuple(out)
+
         def _generate_and_score_completions(self, inputs):
+            self.tool_completions = None
             out = super()._generate_and_score_completions(inputs)
+            if self.tool_completions is not None and "answer" in inputs[0]:
+                self.tool_outcomes += gather_object([
+                    (tools.outcome(c)[0] > 0, is_correct(extract_answer(completion_text(c)), row["answer"]))
+                    for c, row in zip(self.tool_completions, inputs)])
             logged = getattr(self, "_logs", {}).get("rewards", {})
             if "agent" in inputs[0] and logged:
                 # TRL logs every process's rewards, gathered in process order: gather the rows the same way.
@@ -74,6 +98,12 @@ def make_trainer_class():
                 for agent, values in sorted(self.agent_rewards.items()):
                     logs[f"agents/{agent}/reward"] = sum(values) / len(values)
                 self.agent_rewards.clear()
+            if self.model.training and self.tool_outcomes:
+                for key, called in (("tools/accuracy_with_call", True), ("tools/accuracy_without_call", False)):
+                    correct = [ok for c, ok in self.tool_outcomes if c == called]
+                    if correct:  # none called (or all did): no figure, rather than a 0
+                        logs[key] = sum(correct) / len(correct)
+                self.tool_outcomes.clear()
             logs.update(self.extra_logs)
             self.extra_logs.clear()
             super().log(logs, start_time)
@@ -82,8 +112,15 @@ def make_trainer_class():
 
 
 def generation_args(s, backend, tokenizer, vllm=False):
-    """GRPOConfig's arguments for the rollouts: who samples them, and the xml form's stop at </response>
-    (chat answers end with the end-of-turn token)."""
+    """GRPOConfig's arguments for the rollouts: who samples them, the xml form's stop at </response>
+    (chat answers end with the end-of-turn token), and with --tools, the rounds of tool calls."""
+    args = _sampler_args(s, backend, tokenizer, vllm)
+    if s.get("tool_names"):
+        args["max_tool_calling_iterations"] = s["max_tool_calls"]
+    return args
+
+
+def _sampler_args(s, backend, tokenizer, vllm):
     stop = s["prompt_style"] == "xml"
     if vllm and backend == "unsloth":  # Unsloth started vLLM with the model (fast_inference=True)
         if not stop:

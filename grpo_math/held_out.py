@@ -36,7 +36,7 @@ import time
 import torch
 
 from evaluate import quick_eval
-from grpo_math import distributed
+from grpo_math import distributed, tools
 
 ACCURACY, FORMAT, SECONDS = "eval/accuracy", "eval/format_compliance", "eval/seconds"
 
@@ -75,7 +75,8 @@ def evaluation(model, tokenizer, rows, s, backend):
             start = time.perf_counter()
             with torch.random.fork_rng(), generating(self.model, self.backend, args.gradient_checkpointing):
                 result = quick_eval(self.model, self.tokenizer, self.rows, s["agents"], s["prompt_style"],
-                                    s["max_completion_length"], examples=s["worked_examples"])
+                                    s["max_completion_length"], examples=s["worked_examples"],
+                                    tools=tools.get_tools(s["tools"]), max_tool_calls=s["max_tool_calls"])
             return {ACCURACY: result["accuracy"], FORMAT: result["format_compliance"],
                     SECONDS: round(time.perf_counter() - start, 3)}
 

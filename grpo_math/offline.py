@@ -17,8 +17,22 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+
+def qwen2_5_template():
+    """Qwen2.5-Instruct's chat template, as TRL ships it (trl/chat_templates/qwen2_5.jinja), read without
+    importing trl. The tiny model takes it: ChatML, as CHATML_TEMPLATE renders it, for a conversation
+    that opens with a system turn, and able to show tools (--tools) and their calls, which TRL then
+    reads back. CHATML_TEMPLATE where trl is not installed."""
+    spec = importlib.util.find_spec("trl")
+    path = spec and os.path.join(list(spec.submodule_search_locations)[0], "chat_templates", "qwen2_5.jinja")
+    if not path or not os.path.isfile(path):
+        return CHATML_TEMPLATE
+    with open(path) as f:
+        return f.read()
+
 def train_tiny_tokenizer(texts, vocab_size=512):
-    """A byte-level BPE tokenizer trained in-process on ``texts``, with ChatML special tokens."""
+    """A byte-level BPE tokenizer trained in-process on ``texts``, with ChatML special tokens and Qwen2.5's
+    chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,17 +48,17 @@ def train_tiny_tokenizer(texts, vocab_size=512):
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
     )
-    fast.chat_template = CHATML_TEMPLATE
+    fast.chat_template = qwen2_5_template()
     return fast
 
 
 def _tiny_corpus():
-    from agents import AGENT_SETS, SYSTEM_PROMPT, xml_prompt
+    from agents import AGENT_SETS, SYSTEM_PROMPT, TOOL_AGENT_SETS, xml_prompt
     from data import synthetic_problems
     from rewards import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, STOP_TAG
 
     texts = [SYSTEM_PROMPT, xml_prompt("x", "y") + STOP_TAG]
-    texts += [i for s in AGENT_SETS.values() for i in s.values()]
+    texts += [i for name, s in AGENT_SETS.items() if name not in TOOL_AGENT_SETS for i in s.values()]
     for d in ("easy", "medium", "hard"):
         for r in synthetic_problems(50, d, seed=0):
             texts.append(f"{r['question']}\n{REASONING_START}{r['cot']}{REASONING_END}"

@@ -37,6 +37,8 @@ import torch
 from grpo_math import distributed, held_out, runs
 from rewards import completion_text
 
+# With --tools: TRL's failed calls per call, and the kit's share of correct answers with a call and without.
+FAILED, WITH_CALL, WITHOUT_CALL = "tools/failure_frequency", "tools/accuracy_with_call", "tools/accuracy_without_call"
 OOM_HINT = ("CUDA out of memory. Lower, in this order: --num-generations, --max-completion-length, "
             "--batch-size (raise --gradient-accumulation-steps to compensate), --lora-rank.")
 
@@ -145,6 +147,9 @@ def make_progress(s, stats):
                 parts += [f"reward {fmt('reward', '.3f')} ± {fmt('reward_std', '.3f')}",
                           f"correct {fmt(correct_key, '.3f')}", f"len {fmt('completions/mean_length', '.1f')}",
                           f"zero_std {fmt('frac_reward_zero_std', '.2f')}", f"{self.step_seconds:.2f} s/step"]
+            if trained and "tools/call_frequency" in logs:  # --tools
+                parts.append(f"tools {fmt('tools/call_frequency', '.2f')}/answer, failed {fmt(FAILED, '.2f')}, "
+                             f"correct with {fmt(WITH_CALL, '.2f')} without {fmt(WITHOUT_CALL, '.2f')}")
             if evaluated:
                 parts.append(f"eval acc {fmt(held_out.ACCURACY, '.3f')} fmt {fmt(held_out.FORMAT, '.2f')} "
                              f"({fmt(held_out.SECONDS, '.1f')} s)")
@@ -207,7 +212,8 @@ def stop_message(s, stats, what, together=False):
 
 def plot_rewards(stats, path):
     """rewards.png: the mean reward and each reward component over the steps; below them, when the run
-    was scored during training (--eval-every), held-out accuracy and format compliance."""
+    was scored during training (--eval-every), held-out accuracy and format compliance, and with --tools,
+    the tool calls per answer, the failed share and the accuracy of answers with a call and without."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,10 +221,11 @@ def plot_rewards(stats, path):
 
     trained = [e for e in stats if "reward" in e]  # not the step-0 baseline, which has no reward
     evaluated = [e for e in stats if e.get(held_out.ACCURACY) is not None]
-    if evaluated:
-        fig, (ax, below) = plt.subplots(2, 1, sharex=True, figsize=(8, 7), gridspec_kw={"height_ratios": (3, 2)})
-    else:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
+    tooled = [e for e in trained if "tools/call_frequency" in e]
+    heights = [3] + [2] * (bool(evaluated) + bool(tooled))
+    fig, axes = plt.subplots(len(heights), 1, sharex=True, figsize=(8, 4.5 + 2.5 * (len(heights) - 1)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    ax, *panels = axes[:, 0]
     steps = [e["step"] for e in trained]
     ax.plot(steps, [e.get("reward") for e in trained], lw=2.5, color="black", label="reward (weighted sum)")
     for key in sorted({k for e in trained for k in e if k.startswith("rewards/") and k.endswith("/mean")}):
@@ -227,13 +234,26 @@ def plot_rewards(stats, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if evaluated:
+        below = panels.pop(0)
         at = [e["step"] for e in evaluated]
         below.plot(at, [e.get(held_out.FORMAT) for e in evaluated], "s--", color="tab:gray", label="format compliance")
         below.plot(at, [e[held_out.ACCURACY] for e in evaluated], "o-", color="tab:green", label="held-out accuracy")
-        below.set(xlabel="step", ylabel="share of held-out questions", ylim=(-0.05, 1.05))
-        ax.set_xlabel(None)
+        below.set(ylabel="share of held-out questions", ylim=(-0.05, 1.05))
+    if tooled:
+        below = panels.pop(0)
+        at = [e["step"] for e in tooled]
+        for key, label, style in (("tools/call_frequency", "tool calls per answer", "k-"),
+                                  (FAILED, "failed calls per call", "r:"),
+                                  (WITH_CALL, "correct, answers with a call", "g-"),
+                                  (WITHOUT_CALL, "correct, answers without", "b--")):
+            below.plot(at, [e.get(key) for e in tooled], style, marker=".", label=label)
+        below.set(ylabel="tool use")
+    for below in axes[1:, 0]:
         below.grid(alpha=0.3)
         below.legend(fontsize=8)
+    for a in axes[:, 0]:
+        a.set_xlabel(None)
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     tmp = path[:-4] + ".tmp.png"
     fig.savefig(tmp, dpi=110)

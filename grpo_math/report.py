@@ -95,6 +95,18 @@ def _matched_lines(s, c):
     return lines + ["", f"The best agent, {m['best_agent']}, was picked {where}{tied}"]
 
 
+def _tool_lines(t):
+    """evaluate.py --tools: each agent's greedy accuracy without and with the tools, on the same questions."""
+    lines = [f"With tools ({', '.join(t['tools'])}; up to {t['max_tool_calls']} rounds of calls), the same agents "
+             "and questions, greedy, lenient accuracy:", "",
+             "| agent | without tools | with tools | answers with a call | calls per answer | failed calls |",
+             "|---|---|---|---|---|---|"]
+    for name, a in t["agents"].items():
+        lines.append(f"| {name} | {_pct(a['accuracy_without_tools'])} | {_pct(a['accuracy_with_tools'])} | "
+                     f"{_pct(a['answers_with_a_call'])} | {a['calls_per_answer']:.2f} | {_pct(a['failed_calls_per_call'])} |")
+    return lines
+
+
 def markdown(result):
     """eval.md: the comparison (with --compare-base), then one table per run."""
     c, runs = result["config"], result["runs"]
@@ -135,6 +147,8 @@ def markdown(result):
                          f"({p['n']} questions, {p['tokens']} solution tokens, mean NLL {p['mean_nll']:.3f} nats).")
         if s.get("matched_compute"):
             lines += [""] + _matched_lines(s, c)
+        if s.get("tools"):
+            lines += [""] + _tool_lines(s["tools"])
         lines.append("")
     return "\n".join(lines)
 

