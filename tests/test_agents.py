@@ -11,6 +11,7 @@ from datasets import Dataset
 from agents import (
     AGENT_SETS,
     SYSTEM_PROMPT,
+    TOOL_AGENT_SETS,
     WORKED_EXAMPLES,
     aggregate_hidden_states,
     build_prompt,
@@ -23,7 +24,8 @@ from agents import (
 )
 from rewards import REASONING_END, REASONING_START, SOLUTION_END, SOLUTION_START, STOP_TAG, extract_answer
 
-ALL_NAMES = [name for agents in AGENT_SETS.values() for name in agents]
+# The sets a count draws from: those that ask for a tool need --tools, so a count leaves them out.
+ALL_NAMES = [name for set_name, agents in AGENT_SETS.items() if set_name not in TOOL_AGENT_SETS for name in agents]
 
 # ---------------------------------------------------------------------------- get_agents
 
@@ -32,6 +34,7 @@ GET_AGENTS_CASES = [
     pytest.param("core", list(AGENT_SETS["core"]), id="set name: core"),
     pytest.param("strategies", list(AGENT_SETS["strategies"]), id="set name: strategies"),
     pytest.param("personas", list(AGENT_SETS["personas"]), id="set name: personas"),
+    pytest.param("calculator", list(AGENT_SETS["calculator"]), id="set name: calculator (needs --tools calculator)"),
     pytest.param(2, ALL_NAMES[:2], id="count as int: the first 2 of core"),
     pytest.param("5", ALL_NAMES[:5], id="count as text: 4 of core, then the first of strategies"),
     pytest.param(" 3 ", ALL_NAMES[:3], id="count with spaces, as typed on a command line"),

@@ -217,7 +217,8 @@ def run_script(*args):
 
 
 SUMMARY_KEYS = {"n", "agents", "best_agent", "best_agent_accuracy", "majority_vote", "weighted_vote", "ensemble",
-                "consistency", "pass_at_k", "matched_compute", "reference_perplexity", "calibration", "questions"}
+                "consistency", "pass_at_k", "matched_compute", "reference_perplexity", "tools", "calibration",
+                "questions"}
 AGENT_KEYS = {"accuracy", "strict_accuracy", "format_rate", "mean_tokens", "seconds_per_question", "pass_at_k"}
 
 
@@ -236,6 +237,7 @@ def check_run(s, n, agents):
     assert 0 < q["ensemble"]["tokens"] <= 6
     assert s["reference_perplexity"]["n"] == n and s["reference_perplexity"]["perplexity"] > 1
     assert q["reference_nll"]["tokens"] > 0
+    assert s["tools"] is None and "agents_with_tools" not in q  # without --tools
 
 
 def test_end_to_end_base_model(saved, tmp_path):
@@ -433,7 +435,7 @@ def test_unreachable_hub_model_exits_before_loading(saved, tmp_path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # and no hub, should anything ask
     monkeypatch.setattr(evaluate, "load_pretrained", lambda *a, **k: pytest.fail("the model was loaded"))
-    monkeypatch.setattr(evaluate, "load_gsm8k", lambda *a, **k: pytest.fail("the data was loaded"))
+    monkeypatch.setattr(evaluate, "load_questions", lambda *a, **k: pytest.fail("the data was loaded"))
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--model-name", "someorg/some-model", "--dataset", saved["data"], "--out", str(out)])

@@ -7,6 +7,7 @@ scripted alike, so sampling gives a right and a wrong answer within a group: the
 GRPO has something to train on. Every trainer part is TRL's own: its tool loop, its tool_mask, its loss.
 """
 
+import importlib.util
 import json
 import os
 
@@ -15,7 +16,7 @@ import torch
 
 import evaluate
 import train_gsm8k
-from agents import chat_prompt
+from agents import AGENT_SETS, chat_prompt
 from conftest import QWEN_TOKENIZER_DIR, run_script
 from grpo_math import grpo_trainer, models, offline, settings, tools
 from grpo_math.calculator import calculator
@@ -156,6 +157,23 @@ def test_the_evaluation_runs_the_same_tool_loop(tmp_path):
     assert "| calc | 0.0% | 100.0% | 100.0% | 1.00 | 0.0% |" in report
 
 
+def test_evaluate_py_with_tools_writes_both_columns(tmp_path):
+    """The command line: --tools calculator on a saved tiny model (Qwen2.5's template): eval.json holds the
+    side-by-side figures and every answer's calls (none, from a random model), eval.md the table."""
+    model, tokenizer = offline.tiny_model_and_tokenizer()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval"
+    evaluate.main(["--model-name", str(tmp_path / "model"), "--dataset", "gsm8k_sample/train.jsonl", "--split",
+                   "train", "--n", "2", "--calibration-n", "0", "--agents", "calculator", "--tools", "calculator",
+                   "--max-new-tokens", "8", "--no-ensemble", "--no-perplexity", "--out", str(out)])
+    result = json.loads((out / "eval.json").read_text())["runs"]["base"]
+    assert set(result["tools"]["agents"]) == set(AGENT_SETS["calculator"])
+    assert all(set(q["agents_with_tools"]) == set(AGENT_SETS["calculator"]) for q in result["questions"])
+    assert all("tool_calls" in a for q in result["questions"] for a in q["agents_with_tools"].values())
+    assert "| calc_every_step |" in (out / "eval.md").read_text()
+
+
 def test_the_round_limit_ends_the_answer_at_its_last_call():
     """--max-tool-calls 1 on a model that would call again: the second call is not run."""
     tokenizer = tools.check_tokenizer(qwen_tokenizer(), "Qwen2.5 (test)")
@@ -217,3 +235,30 @@ def test_a_smoke_run_with_the_calculator_logs_tool_use(tmp_path):
     with open(out / "config.json") as f:
         assert json.load(f)["settings"]["tools"] == "calculator"
     assert (out / "rewards.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None,
+                    reason="unsloth is not installed (.ci/run installs it for the CPU tests)")
+def test_unsloths_trainer_calls_the_tool_and_its_loss_leaves_the_result_out(tmp_path):
+    """The same step on the unsloth backend (tests/unsloth_tools_cpu.py): Unsloth's generated trainer runs
+    TRL's tool loop, and the mask its own loss (unsloth_zoo's grpo_accumulated_loss) trained with leaves
+    out exactly the tool's result turn."""
+    qwen_tokenizer()  # the harness needs it too: skip here, with the reason, where it is absent
+    env = {"TORCHDYNAMO_DISABLE": "1", "UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth_compiled_cache")}
+    proc = run_script("tests/unsloth_tools_cpu.py", "--gpu", "ampere", "--out", str(tmp_path / "run"), env=env)
+    result = json.loads(proc.stdout.split("RESULT ")[-1])
+    assert result["trainer_bases"][0] == "UnslothGRPOTrainer"
+    assert result["tool_results"] == ["42"] * 8 and result["log"]["tools/call_frequency"] == 1.0
+    assert result["tool_mask_zeros"] == [result["suffix_tokens"]] * 8  # TRL's mask reached Unsloth's loss
+    assert "<tool_response>\n42\n</tool_response>" in result["suffix"]
+    assert result["left_out"] == [result["suffix"]] * 8  # and the loss left out that turn, no more
+    assert all(t.startswith("<tool_call>") and "tool_response" not in t and "<SOLUTION>4" in t for t in result["trained"])
+    assert result["log"]["grad_norm"] > 0
+
+
+def test_unsloth_with_tools_refuses_a_tokenizer_that_pads_with_its_end_of_turn():
+    tokenizer = qwen_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    with pytest.raises(SystemExit, match="pads with its end-of-turn token.*rl_replacements.py:2430-2433"):
+        tools.check_tokenizer(tokenizer, "m", ["calculator"], "unsloth")
+    assert tools.check_tokenizer(tokenizer, "m", ["calculator"], "trl") is tokenizer  # TRL's loss keeps its own mask

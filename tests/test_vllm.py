@@ -26,7 +26,8 @@ TRAIN = ["--smoke", "--vllm", "on", "--max-steps", "3", "--learning-rate", "0.05
 def harness(tmp_path, script, *flags, crafted=False):
     need_vllm()
     out, run = tmp_path / "vllm.json", tmp_path / "run"
-    proc = run_script("tests/vllm_cpu.py", "--out", str(out), *(["--crafted"] if crafted else []), script,
+    crafted = {False: [], True: ["--crafted"], "tools": ["--crafted-tools"]}[crafted]
+    proc = run_script("tests/vllm_cpu.py", "--out", str(out), *crafted, script,
                       *TRAIN, "--output-dir", str(run), *flags)
     return json.loads(out.read_text()), proc.stdout, str(run)
 
@@ -68,6 +69,26 @@ def test_grpo_with_vllm_in_the_chat_form(tmp_path):
     assert "stop" not in record["sampling"]
     assert len(record["completions"]) == 3 * 4 and len(set(record["completions"])) > 1
     assert_trained_through_vllm(record, stdout, run)
+
+
+def test_grpo_with_vllm_calls_the_calculator(tmp_path):
+    """--tools calculator with vLLM generating, on the tool-calling state machine (tests/vllm_cpu.py): vLLM
+    writes calls, TRL's tool loop runs them, and vLLM goes on from a prompt that ends with the
+    calculator's result."""
+    record, stdout, run = harness(tmp_path, "train_gsm8k.py", "--tools", "calculator", "--agents", "calculator",
+                                  "--max-completion-length", "64", crafted="tools")
+    calls = [c for c in record["completions"] if c.startswith("<tool_call>")]
+    answers = [c for c in record["completions"] if "42" in c and not c.startswith("<tool_call>")]
+    assert calls and answers
+    results = [p for p in record["prompts"] if "<tool_response>" in p]
+    assert 1 <= len(results) <= len(calls)  # a call in the last round (--max-tool-calls 3) is not run
+    assert all(p.endswith("</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\n42\n</tool_response>"
+                          "<|im_end|>\n<|im_start|>assistant\n") for p in results)
+    stats = stats_of(run)[1:]
+    assert [e["step"] for e in stats] == [1, 2, 3] and all("tools/failure_frequency" in e for e in stats)
+    assert sum(e["tools/call_frequency"] for e in stats) > 0
+    assert any(e["grad_norm"] > 0 for e in stats)  # calls and two kinds of answer: rewards differ in a group
+    assert "| tools " in stdout
 
 
 def tiny_run_folder(tmp_path):

@@ -18,6 +18,12 @@ successors): after the prompt it writes "a" or "b" at random, writes "</response
 1/3 at each token, and after it starts again. vLLM stops at the tag only if the stop reaches it;
 otherwise the completions go on after it. The a/b mix gives unique_chars_reward spread within a group, so the
 run trains.
+
+--crafted-tools (with --tools calculator) makes the tiny model a state machine of the same kind for tool
+calls. Three strings are single tokens added to its tokenizer: a whole calculator call
+(CALL, "6*7"), an answer in the chat form's format and a bare "42". At the start of an assistant turn
+(after the prompt, or after a tool's result) it writes one of the three at random, then its end of
+turn. So vLLM writes calls that TRL's tool loop runs, and vLLM goes on from the calculator's result.
 """
 
 import argparse
@@ -69,6 +75,49 @@ def crafted_model(seed=0, hidden_size=128, num_layers=2, tokenizer=None):
     return model, tokenizer
 
 
+CALL = '<tool_call>\n{"name": "calculator", "arguments": {"expression": "6*7"}}\n</tool_call>'
+ANSWERS = ["<start_working_out>6*7 = 42<end_working_out><SOLUTION>42</SOLUTION>", "42"]
+
+
+def crafted_tool_model(seed=0, hidden_size=128, num_layers=2, tokenizer=None):
+    """The tiny model as the tool-calling state machine of the module docstring, and its tokenizer."""
+    import torch
+    from tokenizers import AddedToken
+    from transformers import Qwen2ForCausalLM
+
+    from grpo_math import offline
+
+    tokenizer = tokenizer or offline.train_tiny_tokenizer(offline._tiny_corpus())
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in [CALL, *ANSWERS]])
+    base, tokenizer = TINY(seed, hidden_size, num_layers, tokenizer)
+    base.config.tie_word_embeddings = False  # a head of its own, before the model is built
+    model = Qwen2ForCausalLM(base.config)
+    model.generation_config = base.generation_config
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "q"}], add_generation_prompt=True,
+                                         return_dict=False)
+    call = [{"type": "function", "function": {"name": "calculator", "arguments": {}}}]
+    turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": call},
+            {"role": "tool", "name": "calculator", "content": "42"}]
+    starts = {chat[-1], tokenizer.apply_chat_template(turn, add_generation_prompt=True, return_dict=False)[-1]}
+    said = tokenizer.convert_tokens_to_ids([CALL, *ANSWERS])
+    states = [*starts, *said]
+    other = len(states)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed.zero_()
+        head.zero_()
+        embed[:, other] = 1.0
+        for i, t in enumerate(states):
+            embed[t].zero_()
+            embed[t, i] = 1.0
+            head[said if t in starts else tokenizer.eos_token_id, i] = 2.0  # a start says one; each then ends
+        head[tokenizer.eos_token_id, other] = 2.0
+    return model, tokenizer
+
+
 def linear_errors(vllm_model, peft_model):
     """For every linear layer of vLLM's model: its output on a fixed input against the trained
     weights with the LoRA merged, and against the base weights alone (see the module docstring)."""
@@ -103,6 +152,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="RESULT.json")
     p.add_argument("--crafted", action="store_true", help="the state-machine model (module docstring)")
+    p.add_argument("--crafted-tools", action="store_true", help="the tool-calling state machine (module docstring)")
     p.add_argument("script", help="train_synthetic.py or train_gsm8k.py")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the script's flags")
     args = p.parse_args()
@@ -111,16 +161,19 @@ def main():
 
     from grpo_math import grpo_trainer, models
 
-    record = {"completions": [], "sampling": None, "syncs": []}
-    if args.crafted:
-        global TINY
-        TINY, models.tiny_model_and_tokenizer = models.tiny_model_and_tokenizer, crafted_model
+    record = {"completions": [], "prompts": [], "sampling": None, "syncs": []}
+    global TINY
+    if args.crafted or args.crafted_tools:
+        TINY, models.tiny_model_and_tokenizer = models.tiny_model_and_tokenizer, (
+            crafted_tool_model if args.crafted_tools else crafted_model)
 
     generate = vllm_generation.VLLMGeneration.generate
 
     def recorded_generate(self, *a, **kw):
         out = generate(self, *a, **kw)
         record["completions"] += self.processing_class.batch_decode(out[1], skip_special_tokens=False)
+        record["prompts"] += self.processing_class.batch_decode(kw.get("prompts", a[0] if a else []),
+                                                                skip_special_tokens=False)
         record["sampling"] = dict(self.generation_kwargs)
         return out
 
