@@ -5,13 +5,14 @@
     python -m bench.gpu_check --out DIR --parts agents-1        # 1 agent against 4, and a profiled step
     python -m bench.gpu_check --out DIR --parts env,model,train-chat,evaluate
     python -m bench.gpu_check --out DIR --parts train-xml,c128,c512
+    python -m bench.gpu_check --out DIR --parts model,train-chat,train-tools  # --tools calculator (9 min)
     python -m bench.gpu_check --out DIR --dry-run               # every part on the CPU: tiny model and shapes
 
 Each part is one child process with a time limit of its own, its output in DIR/logs/PART.log. A crash or
 a timeout is recorded and the next part runs; a part that would start with too little of --budget-s left
 is skipped and says so, and a later call with --parts runs it into the same DIR (the folder, the model
 part's included, must still be there). Every unsloth process spends minutes importing, loading and
-compiling before its second step, so the limits add up to about 48 minutes. Most important first:
+compiling before its second step, so the limits add up to about 55 minutes. Most important first:
 
     env         the GPU, its capability and memory, every version, the bundle's pins, and whether
                 unsloth patched trl
@@ -25,6 +26,8 @@ compiling before its second step, so the limits add up to about 48 minutes. Most
                 torch.profiler on one more step: one process, so one compilation, serves both
     train-xml   train-chat with --prompt-style xml
     c128, c512  bench.py, unsloth only, at 128 and 512 completion tokens
+    train-tools train-chat with --tools calculator --agents calculator, 20 steps: the tool schema in every
+                prompt and the calls the model makes; its median step time over train-chat's
 
 It writes DIR/gpu-check.json (every part's status, exit code, seconds and last 40 log lines, and every
 figure with its unit) and DIR/gpu-check.md (the tables for BENCHMARKS.md), both after every part. A GPU
@@ -62,12 +65,12 @@ def bench_cmd(a, out, steps, warmup, *flags):
     return [PY, "-m", "bench.bench", *size, "--json", out, *flags]
 
 
-def train_cmd(a, style, *flags):
+def train_cmd(a, style, *flags, run=None, steps=8):
     size = (["--backend", "trl", "--max-steps", "2", "--num-generations", "4", "--max-completion-length", "16",
              "--lora-rank", "4", "--eval-examples", "2", "--max-examples", "8"] if a.dry_run
-            else ["--backend", "unsloth", "--max-steps", "8", "--max-completion-length", "64", "--max-examples", "40"])
+            else ["--backend", "unsloth", "--max-steps", str(steps), "--max-completion-length", "64", "--max-examples", "40"])
     return [PY, os.path.join(ROOT, "train_gsm8k.py"), "--model-name", os.path.join(a.out, "model"),
-            "--dataset", GSM8K_DIR, "--prompt-style", style, "--output-dir", os.path.join(a.out, "runs", style),
+            "--dataset", GSM8K_DIR, "--prompt-style", style, "--output-dir", os.path.join(a.out, "runs", run or style),
             "--save-steps", "4", "--overwrite", *size, *flags]  # --overwrite: a rerun (--parts) keeps the old aside
 
 
@@ -93,6 +96,8 @@ def parts(a):
         ("train-xml", 360, train_cmd(a, "xml")),
         ("c128", 300, bench_cmd(a, j("c128"), 3, 1, *unsloth, "--completion-length", "128")),
         ("c512", 360, bench_cmd(a, j("c512"), 3, 1, *unsloth, "--completion-length", "512")),
+        ("train-tools", 420, train_cmd(a, "chat", "--tools", "calculator", "--agents", "calculator", run="tools",
+                                       steps=20)),
     ]
 
 
@@ -195,7 +200,7 @@ def figures(a, results):
                                              for k, u in BENCH_FIGURES.items() if "skipped" not in fig})
         for k, v in ((r or {}).get("ratios_unsloth_over_trl") or {}).items():
             out[part][f"unsloth/trl.{k}"] = {"value": v, "unit": "x"}
-    for style in ("chat", "xml"):
+    for style in ("chat", "xml", "tools"):
         stats = read_json(os.path.join(a.out, "runs", style, "training_stats.json")) or []
         steps = [s for s in stats if "step_time" in s]
         if steps:
@@ -204,6 +209,14 @@ def figures(a, results):
                 "step_time_median": {"value": statistics.median(s["step_time"] for s in steps[2:] or steps), "unit": "s"},
                 "grad_norm_min": {"value": min(s.get("grad_norm", 0.0) for s in steps), "unit": ""},
                 "merged_saved": {"value": os.path.isdir(os.path.join(a.out, "runs", style, "merged")), "unit": ""}}
+    tools, chat = out.get("train-tools"), out.get("train-chat")
+    if tools:  # --tools calculator: its calls, and its step time against the same run without tools
+        calls = [s.get("tools/call_frequency") for s in read_json(os.path.join(a.out, "runs", "tools",
+                 "training_stats.json")) if "step_time" in s]
+        tools["call_frequency_mean"] = {"value": statistics.mean(c for c in calls if c is not None), "unit": "calls"}
+        if chat:
+            tools["step_time_over_train_chat"] = {"value": tools["step_time_median"]["value"] /
+                                                  chat["step_time_median"]["value"], "unit": "x"}
     ev = j(os.path.join("eval", "eval"))
     if ev:
         run = ev["runs"].get("trained") or {}
