@@ -72,6 +72,8 @@ DEFAULTS = dict(
     agents="core",                   # agents.AGENT_SETS: core, strategies, personas; or "a|b|c"
     agent_sampling="all",            # every question once per agent
     prompt_style="chat",             # system prompt asking for <SOLUTION>N</SOLUTION>
+    tools="",                        # "calculator": the model may call it as it answers (README, "Tools"),
+                                     # best with agents="calculator", whose instructions say when
     output_dir="outputs/gsm8k",
 )
 SMOKE = dict(dataset=GSM8K_SAMPLE)   # --smoke: the GSM8K rows shipped in gsm8k_sample/, no network

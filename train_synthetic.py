@@ -71,6 +71,7 @@ DEFAULTS = dict(
     agents="core",                   # four instruction variants
     agent_sampling="all",
     prompt_style="xml",              # <instruction>..</instruction><question>..</question><response>
+    tools="",                        # "calculator", with prompt_style="chat": the model may call it (README, "Tools")
     output_dir="outputs/synthetic",
 )
 

@@ -7,7 +7,7 @@
     check_enough_data  refuses data too small for one GRPO step, once the held-out rows are counted
     bad_input_refused  a loader's error (file, row, hub) ends the run in one line, with no traceback
 
-Each script's DEFAULTS holds its recipe (model, steps, group size, rewards, agents); COMMON_DEFAULTS
+Each script's DEFAULTS holds its recipe (model, steps, group size, rewards, agents, tools); COMMON_DEFAULTS
 below holds the plumbing settings both share.
 """
 
@@ -49,8 +49,7 @@ COMMON_DEFAULTS = dict(
     report_to="none",         # trackers are opt-in
     project_name="grpo-math",
     sample_every=10,          # print a sample completion every N steps
-    tools="",                 # tools the policy may call while it answers: "calculator" (grpo_math/tools.py)
-    max_tool_calls=3,         # rounds of tool calls per completion, within --max-completion-length
+    max_tool_calls=3,         # with --tools: rounds of tool calls per completion, within --max-completion-length
     smoke=False,
 )
 
