@@ -12,7 +12,6 @@ import json
 import os
 
 import pytest
-import torch
 
 import evaluate
 import train_gsm8k
