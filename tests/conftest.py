@@ -33,15 +33,26 @@ def stats_of(run_dir):
         return json.load(f)
 
 
-def need_gsm8k():
-    """GSM8K_DIR, or a skip that says why: a clone without ../shared/data. With GRPO_MATH_REQUIRE_DATA=1,
-    as .ci/run sets it, a failure instead: CI must not pass by skipping the tests that need the data."""
-    if not all(os.path.exists(os.path.join(GSM8K_DIR, f)) for f in ("train.jsonl", "test.jsonl")):
-        why = f"GSM8K files not found at {GSM8K_DIR} (a clone without ../shared/data)"
+def need_shared(folder, files, what):
+    """``folder`` of ../shared/data, or a skip that says why: a clone without it. With
+    GRPO_MATH_REQUIRE_DATA=1, as .ci/run sets it, a failure instead: CI must not pass by skipping the
+    tests that need the data."""
+    if not all(os.path.exists(os.path.join(folder, f)) for f in files):
+        why = f"{what} not found at {folder} (a clone without ../shared/data)"
         if os.environ.get("GRPO_MATH_REQUIRE_DATA") == "1":
             pytest.fail(why + "; GRPO_MATH_REQUIRE_DATA=1 asks for them", pytrace=False)
         pytest.skip(why)
-    return GSM8K_DIR
+    return folder
+
+
+def need_gsm8k():
+    """GSM8K_DIR, or a skip (a failure under .ci/run) where it is absent."""
+    return need_shared(GSM8K_DIR, ("train.jsonl", "test.jsonl"), "GSM8K files")
+
+
+def need_qwen_tokenizer():
+    """QWEN_TOKENIZER_DIR, or a skip (a failure under .ci/run) where it is absent."""
+    return need_shared(QWEN_TOKENIZER_DIR, ("tokenizer.json", "tokenizer_config.json"), "the Qwen tokenizer")
 
 
 @pytest.fixture

@@ -9,14 +9,13 @@ GRPO has something to train on. Every trainer part is TRL's own: its tool loop, 
 
 import importlib.util
 import json
-import os
 
 import pytest
 
 import evaluate
 import train_gsm8k
 from agents import AGENT_SETS, chat_prompt
-from conftest import QWEN_TOKENIZER_DIR, run_script
+from conftest import need_qwen_tokenizer, run_script
 from grpo_math import grpo_trainer, models, offline, settings, tools
 from grpo_math.calculator import calculator
 
@@ -24,11 +23,9 @@ QUESTION = {"question": "A box holds 6 rows of 7 eggs. How many eggs are in the 
 
 
 def qwen_tokenizer():
-    if not os.path.isdir(QWEN_TOKENIZER_DIR):
-        pytest.skip(f"the Qwen tokenizer is not at {QWEN_TOKENIZER_DIR} (a clone without ../shared/data)")
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(QWEN_TOKENIZER_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(need_qwen_tokenizer())
     tokenizer.chat_template = offline.qwen2_5_template()  # Qwen2.5-Instruct's, the kit's default model's
     return tokenizer
 
@@ -247,7 +244,7 @@ def test_unsloths_trainer_calls_the_tool_and_its_loss_leaves_the_result_out(tmp_
     """The same step on the unsloth backend (tests/unsloth_tools_cpu.py): Unsloth's generated trainer runs
     TRL's tool loop, and the mask its own loss (unsloth_zoo's grpo_accumulated_loss) trained with leaves
     out exactly the tool's result turn."""
-    qwen_tokenizer()  # the harness needs it too: skip here, with the reason, where it is absent
+    need_qwen_tokenizer()  # the harness needs it too: skip here (fail under .ci/run) where it is absent
     env = {"TORCHDYNAMO_DISABLE": "1", "UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth_compiled_cache")}
     proc = run_script("tests/unsloth_tools_cpu.py", "--gpu", "ampere", "--out", str(tmp_path / "run"), env=env)
     result = json.loads(proc.stdout.split("RESULT ")[-1])
