@@ -23,7 +23,8 @@ import subprocess
 import torch
 
 from grpo_math import distributed, hub
-from grpo_math.offline import SMOLLM2, smollm2_gguf_path, tiny_model_and_tokenizer
+from grpo_math.offline import (SMOLLM2, _tiny_corpus, smollm2_gguf_path, tiny_model_and_tokenizer,
+                               train_tiny_tokenizer)
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -189,22 +190,35 @@ def check_source(name):
 
 def load_pretrained(name_or_path, dtype=None, quantize=False):
     """A causal LM and tokenizer with transformers: a hub id, a local folder or SMOLLM2."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kwargs = load_kwargs(dtype, quantize)
+    tokenizer = load_tokenizer(name_or_path)
     if name_or_path == SMOLLM2:
         folder, gguf = smollm2_gguf_path()
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)
         # The GGUF weights are dequantized to ``dtype`` on load: a plain model, trainable with LoRA.
         model.hf_quantizer, model.is_quantized = None, False
         model.config.quantization_config = None
-        tokenizer.eos_token = "<|im_end|>"  # the GGUF metadata names <|im_start|>
-        tokenizer.pad_token = "<|endoftext|>"
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     return fix_special_tokens(model, tokenizer)
+
+
+def load_tokenizer(name_or_path):
+    """The tokenizer alone, as load_pretrained and load_model load it: a hub id, a local folder, SMOLLM2
+    or "tiny" (the offline --smoke model's, trained in-process)."""
+    from transformers import AutoTokenizer
+
+    if name_or_path == "tiny":
+        return train_tiny_tokenizer(_tiny_corpus())
+    if name_or_path != SMOLLM2:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    folder, gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    tokenizer.eos_token = "<|im_end|>"  # the GGUF metadata names <|im_start|>
+    tokenizer.pad_token = "<|endoftext|>"
+    return tokenizer
 
 
 def add_lora(model, rank, seed=0, gradient_checkpointing=False):

@@ -6,7 +6,8 @@ evaluation.
     get_tools(spec)        "calculator" -> [calculator]; refuses an unknown name
     evaluation_tools(args) evaluate.py's --tools, refused where its other flags do not go with it
     check_model(name, tools)
-                           before the model loads, on its tokenizer alone: check_tokenizer
+                           check_tokenizer on the model's tokenizer alone (models.load_tokenizer), before
+                           the model loads
     check_tokenizer(tok)   the chat template must show the tools to the model and TRL must read its calls
                            back: a one-line refusal otherwise; sets the tokenizer's response parser
     outcome(completion)    one completion's tool calls and how many failed
@@ -30,6 +31,7 @@ import torch
 
 from grpo_math.answers import completion_text
 from grpo_math.calculator import ERROR_PREFIX, calculator
+from grpo_math.models import load_tokenizer
 
 TOOLS = {"calculator": calculator}
 
@@ -56,19 +58,6 @@ def evaluation_tools(args):
     if needed and needed not in [f.__name__ for f in tools]:
         raise ValueError(f"--agents {args.agents} asks for the {needed} tool: add --tools {needed}")
     return tools
-
-
-def load_tokenizer(name):
-    """The tokenizer that load_model would load with ``name``, without the model."""
-    from grpo_math.offline import SMOLLM2, _tiny_corpus, smollm2_gguf_path, train_tiny_tokenizer
-    from transformers import AutoTokenizer
-
-    if name == "tiny":
-        return train_tiny_tokenizer(_tiny_corpus())
-    if name == SMOLLM2:
-        folder, gguf = smollm2_gguf_path()
-        return AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
-    return AutoTokenizer.from_pretrained(name)
 
 
 def check_model(model_name, tools):
