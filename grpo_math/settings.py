@@ -19,7 +19,7 @@ import math
 import os
 import sys
 
-from agents import TOOL_AGENT_SETS, WORKED_EXAMPLES, get_agents
+from agents import WORKED_EXAMPLES, get_agents
 from grpo_math import distributed, models, tools
 from rewards import GSM8K_REWARD_WEIGHTS, get_reward_funcs
 
@@ -262,10 +262,7 @@ def check_tools(s):
     if s["tool_names"] and s["prompt_style"] != "chat":
         raise ValueError("--tools needs --prompt-style chat: a tool call is a turn of a chat conversation, which the "
                          "xml form has not")
-    needed = TOOL_AGENT_SETS.get(s["agents"]) if isinstance(s["agents"], str) else None
-    if needed and needed not in s["tool_names"]:
-        raise ValueError(f"--agents {s['agents']} asks the model to call the {needed} tool: add --tools {needed}, "
-                         "or pick another agent set")
+    tools.check_agents(s["agents"], s["tool_names"])
 
 
 def check_enough_data(s, n_train, n_held_out, n_prompts):

@@ -220,6 +220,16 @@ def test_tool_flags_that_cannot_work_are_refused(flags, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--agents", "calculator"], "--agents calculator asks the model to call the calculator tool: add --tools"),
+    (["--tools", "calculator", "--samples", "2"], "--tools compares greedy answers"),
+])
+def test_evaluate_refuses_tool_flags_that_cannot_work(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--model-name", "m", "--out", str(tmp_path / "eval"), *flags])
+    assert message in capsys.readouterr().err
+
+
 def test_a_smoke_run_with_the_calculator_logs_tool_use(tmp_path):
     """The whole recipe with --tools calculator on the tiny model (the Qwen2.5 template, its own tokenizer):
     the progress line, training_stats.json and the quick evaluation carry the tool figures."""
