@@ -8,6 +8,7 @@
                        among completions that called a tool, tools/accuracy_with_call, and among those
                        that did not, tools/accuracy_without_call
     a sample           the last completion of each step, for the progress line's sample
+    fp16 training      the trainable weights stay fp32 (T4, V100), where TRL casts a quantized model's to bf16
     extra_logs         metrics that join the next log, and so the trackers: the held-out
                        evaluation of held_out.py
     the rollouts       generation_args(): GRPOConfig's arguments for whoever samples them, and the
@@ -44,6 +45,14 @@ def make_trainer_class():
 
         def __init__(self, *args, reward_weights=None, stop_strings=None, **kwargs):
             super().__init__(*args, **kwargs)
+            if self.args.fp16 and not self.args.bf16:
+                # TRL casts a 4-bit or 8-bit model's trainable (LoRA) weights to bf16 whatever the precision,
+                # and fp16's GradScaler cannot unscale bf16 gradients: the first optimizer step would fail.
+                # Under fp16 autocast they stay fp32 master weights, as add_lora made them. The optimizer
+                # is built in train(), from the weights as they are now.
+                for param in self.model.parameters():
+                    if param.requires_grad and param.dtype != torch.float32:
+                        param.data = param.data.float()
             self.kit_reward_weights = reward_weights
             self.agent_rewards = defaultdict(list)
             self.last_sample = None
