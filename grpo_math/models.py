@@ -23,6 +23,7 @@ import subprocess
 import torch
 
 from grpo_math import distributed, hub
+from grpo_math.compiling import FIRST_STEP_NOTE, set_compile
 from grpo_math.offline import (SMOLLM2, _tiny_corpus, smollm2_gguf_path, tiny_model_and_tokenizer,
                                train_tiny_tokenizer)
 
@@ -140,10 +141,16 @@ def unsloth_patched_trl():
 
 
 def pick_backend(s):
-    """(backend, reason). Imports unsloth when it is used, before anything imports trl."""
+    """(backend, reason). Imports unsloth when it is used, before anything imports trl, with its
+    compile as --compile asks (s["compile_used"]: "on" or "off" there, None on trl)."""
+    s["compile_used"] = None
     if s["model_name"] == "tiny":
         return "trl", "--smoke: tiny offline model on CPU"
+    unsloth_may_import = s["backend"] != "trl" and gpu_capability() is not None
+    compile = set_compile(s["compile"], s["max_steps"]) if unsloth_may_import else None
     backend, reason = choose_backend(s["backend"])
+    if backend == "unsloth":
+        s["compile_used"] = compile
     if backend == "unsloth" and not unsloth_patched_trl():
         print("Unsloth did not patch trl's GRPOTrainer (its warning above says why): this run trains with "
               "trl's own GRPOTrainer on the Unsloth model, without Unsloth's GRPO code and without vLLM.")
@@ -261,11 +268,6 @@ def load_unsloth(name, max_seq_length, lora_rank, seed=0, gpu_memory_utilization
     return model, tokenizer, vllm
 
 
-# An H200 showed it (BENCHMARKS.md, "GPU figures"): 204 s for the first step, then 11 s a step.
-FIRST_STEP_NOTE = ("step 1 also compiles Unsloth's training kernels: minutes before its line (3.4 on an H200, "
-                   "1.5B model, 256 tokens); the steps after it are much faster")
-
-
 def load_model(s, backend):
     """(model with LoRA, tokenizer, vllm): vllm is True when the rollouts are generated with vLLM.
     Prints which generates them, and why."""
@@ -276,7 +278,8 @@ def load_model(s, backend):
             fast_inference=vllm and unsloth_patched_trl(),
         )
         print("generation: " + (f"vLLM, Unsloth's ({why})" if vllm else "Unsloth's own generate (no vLLM)"))
-        print(FIRST_STEP_NOTE)
+        if s.get("compile_used") == "on":
+            print(FIRST_STEP_NOTE)
         return model, tokenizer, vllm
     if s["model_name"] == "tiny":
         model, tokenizer = tiny_model_and_tokenizer(seed=s["seed"])

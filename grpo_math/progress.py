@@ -116,6 +116,7 @@ def make_progress(s, stats):
             self.stop_requested = False
             self.stopped_by = "Ctrl-C"  # or SIGTERM; on another process, the signal that reached that one
             self.warned = False  # the reward-hacking warning is printed once
+            self.first_line = True  # the first step's line also says whether Unsloth compiled its kernels
 
         def on_step_begin(self, args, state, control, **kw):
             self.step_start = time.perf_counter()
@@ -150,6 +151,9 @@ def make_progress(s, stats):
             if trained and "tools/call_frequency" in logs:  # --tools
                 parts.append(f"tools {fmt('tools/call_frequency', '.2f')}/answer, failed {fmt(FAILED, '.2f')}, "
                              f"correct with {fmt(WITH_CALL, '.2f')} without {fmt(WITHOUT_CALL, '.2f')}")
+            if trained and self.first_line and s.get("compile_used"):
+                parts.append(f"unsloth compile {s['compile_used']} (--compile)")
+            self.first_line = self.first_line and not trained
             if evaluated:
                 parts.append(f"eval acc {fmt(held_out.ACCURACY, '.3f')} fmt {fmt(held_out.FORMAT, '.2f')} "
                              f"({fmt(held_out.SECONDS, '.1f')} s)")

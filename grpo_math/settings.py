@@ -20,7 +20,7 @@ import os
 import sys
 
 from agents import WORKED_EXAMPLES, get_agents
-from grpo_math import distributed, models, tools
+from grpo_math import compiling, distributed, models, tools
 from rewards import GSM8K_REWARD_WEIGHTS, get_reward_funcs
 
 CONFIG_FILE = "config.json"  # in the run folder: the resolved settings, which --resume reads back
@@ -33,6 +33,8 @@ REPORT_TO = tuple(TRACKERS)
 COMMON_DEFAULTS = dict(
     backend="auto",           # auto: unsloth on a CUDA machine where it imports, else trl
     vllm="auto",              # who samples the rollouts: vLLM where installed (auto), or generate() (off)
+    compile="auto",           # Unsloth compiles its training kernels: minutes before step 1, faster steps after (--help)
+    generation_batch_size=None,  # completions sampled per generation call; None = one step's (batch x processes x GA)
     temperature=1.0,          # rollout sampling temperature
     seed=3407,
     max_prompt_length=256,    # tokens; sizes Unsloth's max_seq_length together with completions
@@ -79,6 +81,10 @@ def build_parser(description, defaults, extra_args=None):
     add(m, "--vllm", "generate the rollouts with vLLM: auto = where it is installed (Unsloth's fast_inference on "
         "the unsloth backend, TRL's colocate mode on trl), on = insist, off = transformers' generate()",
         choices=["auto", "on", "off"])
+    add(m, "--compile", "unsloth backend: compile its training kernels (on: minutes before step 1, then faster "
+        "steps) or not (off); auto = on for runs of at least "
+        f"{compiling.COMPILE_PAYS_BACK_STEPS} steps, where it pays back (BENCHMARKS.md, 'The compile')",
+        choices=["auto", "on", "off"])
     add(m, "--lora-rank", "LoRA rank; lower it (8) if out of memory", type=int)
     g = p.add_argument_group("GRPO")
     add(g, "--max-steps", "optimizer steps", type=int)
@@ -87,6 +93,9 @@ def build_parser(description, defaults, extra_args=None):
         "num_generations", type=whole_number_or_empty)
     add(g, "--gradient-accumulation-steps", "steps per optimizer update; raise it instead of --batch-size if out of memory", type=int)
     add(g, "--num-generations", "completions per prompt (the GRPO group); lower it if out of memory", type=int)
+    add(g, "--generation-batch-size", "completions sampled in one generation call, a multiple of --batch-size x "
+        "processes and of --num-generations; the next steps train on them in turn (TRL's generation_batch_size). "
+        "Larger samples faster on a GPU; lower it if out of memory. '' (empty) = one step's", type=whole_number_or_empty)
     add(g, "--max-completion-length", "tokens per completion; lower it if out of memory", type=int)
     add(g, "--temperature", "sampling temperature for the rollouts", type=float)
     add(g, "--seed", "random seed for data, agents and LoRA init", type=int)
@@ -228,6 +237,7 @@ def validate(s):
             f"{what} = {s['global_batch']} must be a multiple of --num-generations = {s['num_generations']} (each "
             f"prompt's group of completions is scored together); for example --batch-size {s['num_generations']}"
         )
+    check_generation_batch(s)
     s["reward_weights"] = parse_reward_spec(s["rewards"])
     get_agents(s["agents"])  # raises on a bad spec
     check_tools(s)
@@ -252,6 +262,19 @@ def validate(s):
             "  Train for real on a GPU (Colab, Kaggle or a 12-24 GB card), or pick a small --model-name."
         )
     return s
+
+
+def check_generation_batch(s):
+    """--generation-batch-size: whole steps of whole groups (TRL refuses it otherwise, after loading)."""
+    n, step = s["generation_batch_size"], s["batch_size"] * s["processes"]
+    if n is None:
+        return
+    if n < 1 or n % step or n % s["num_generations"]:
+        fix = math.lcm(step, s["num_generations"])
+        raise ValueError(
+            f"--generation-batch-size {n} must be a multiple of the completions of one step on every process "
+            f"(--batch-size {s['batch_size']} x {s['processes']} process{'es' * (s['processes'] > 1)} = {step}) and "
+            f"of --num-generations {s['num_generations']}: for example {fix} or {4 * fix}")
 
 
 def check_tools(s):

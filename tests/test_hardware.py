@@ -12,7 +12,7 @@ import trl
 
 import evaluate
 import train_gsm8k
-from grpo_math import models, settings
+from grpo_math import compiling, models, settings
 
 
 def fake_cuda(monkeypatch, capability):
@@ -187,3 +187,18 @@ def test_nothing_unsloth_patches_is_imported_by_the_benchmark_worker():
     code = "import sys, bench.bench_worker; print([m for m in ('trl', 'transformers', 'peft') if m in sys.modules])"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("requested, steps, mode", [
+    ("auto", 250, "on"),    # the default recipe: the minutes of compiling pay back after about 30 steps
+    ("auto", compiling.COMPILE_PAYS_BACK_STEPS, "on"),
+    ("auto", compiling.COMPILE_PAYS_BACK_STEPS - 1, "off"),  # a short check would wait for nothing
+    ("on", 2, "on"),        # asked for, it is done, however short the run
+    ("off", 250, "off"),
+])
+def test_the_compile_is_on_where_it_pays_back(monkeypatch, requested, steps, mode):
+    """--compile becomes Unsloth's UNSLOTH_COMPILE_DISABLE, set before unsloth is imported (which reads it)."""
+    monkeypatch.delitem(sys.modules, "unsloth_zoo", raising=False)  # not imported yet, as in a fresh process
+    monkeypatch.setenv("UNSLOTH_COMPILE_DISABLE", "partial")  # whatever was there, the flag decides
+    assert compiling.set_compile(requested, steps) == mode
+    assert os.environ["UNSLOTH_COMPILE_DISABLE"] == {"on": "0", "off": "1"}[mode]

@@ -91,6 +91,10 @@ def parse(argv, defaults=train_gsm8k.DEFAULTS, extra=train_gsm8k.add_args):
     (["--smoke", "--worked-examples", "9"], "--worked-examples must be between 0 and 3, got 9"),
     (["--smoke", "--worked-examples", "-1"], "--worked-examples must be between 0 and 3, got -1"),
     (["--smoke", "--batch-size", "four"], "expected a whole number, or ''"),
+    # the smoke step is 4 completions in one group of 4: 6 would split a step and a group
+    (["--smoke", "--generation-batch-size", "6"], "--generation-batch-size 6 must be a multiple of the completions "
+     "of one step on every process (--batch-size 4 x 1 process = 4) and of --num-generations 4: for example 4 or 16"),
+    (["--smoke", "--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
 ])
 def test_bad_settings_are_refused_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -109,6 +113,15 @@ def test_batch_defaults_to_one_group():
     assert s["batch_size"] == 6  # None resolves to num_generations: the one unambiguous fix
     # the help says "'' (empty) = num_generations", and the parser agrees
     assert parse(["--smoke", "--num-generations", "6", "--batch-size", ""])["batch_size"] == 6
+
+
+def test_a_generation_batch_is_sampled_once_for_several_steps():
+    """--generation-batch-size 16 with 4 completions a step: one generation call, then 4 steps train on it."""
+    s = parse(["--smoke", "--generation-batch-size", "16"])
+    args = train_gsm8k.grpo_config(s, "trl", tokenizer=None)
+    assert (args.generation_batch_size, args.steps_per_generation) == (16, 4)
+    default = train_gsm8k.grpo_config(parse(["--smoke"]), "trl", tokenizer=None)
+    assert (default.generation_batch_size, default.steps_per_generation) == (4, 1)  # one step's, as before
 
 
 def test_output_dir_that_is_a_file_is_refused(tmp_path, capsys):

@@ -56,9 +56,10 @@ SCRIPTS = {"chat": "<start_working_out>3 + 4 = 7<end_working_out><SOLUTION>7</SO
 REWARDS = {"chat": "format_exact_reward,format_approx_reward", "xml": "correctness_reward,stop_tag_bonus"}
 
 
-# Colab's T4 in both prompt styles, and an Ampere card; the stop tag does not depend on the card.
-@pytest.mark.parametrize("gpu, style", [("t4", "chat"), ("t4", "xml"), ("ampere", "chat")])
-def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style):
+# Colab's T4 in both prompt styles, and an Ampere card; the stop tag does not depend on the card. Each
+# --compile value once: it reaches Unsloth before the import, and step 1's line says which is in effect.
+@pytest.mark.parametrize("gpu, style, compile", [("t4", "chat", "on"), ("t4", "xml", "off"), ("ampere", "chat", "auto")])
+def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style, compile):
     """train_synthetic.py's main on the unsloth backend: the kit's trainer subclasses the generated
     UnslothGRPOTrainer, Unsloth accepts the kit's precision for the card (on a T4 an fp16 model and
     fp16 mixed precision; bf16 there makes Unsloth refuse), and the per-agent rewards, the progress
@@ -66,14 +67,23 @@ def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style):
     run = tmp_path / "run"
     result, stdout = harness(tmp_path, "train", "--gpu", gpu, "--script", SCRIPTS[style], rest=[
         *TRAIN, "--prompt-style", style, "--rewards", REWARDS[style], "--max-completion-length", "48",
-        "--output-dir", str(run)])
+        "--output-dir", str(run), "--compile", compile])
     assert "trl.GRPOTrainer is UnslothGRPOTrainer" in stdout
     assert "backend: unsloth (CUDA device and unsloth available, no vLLM)" in stdout
-    assert models.FIRST_STEP_NOTE in stdout  # the silence before step 1's line is the compiler, not a hang
+    mode = "off" if compile == "auto" else compile  # auto: 2 steps are too few for the compile to pay back
+    assert result["unsloth_compile_disable"] == (mode == "off")  # what Unsloth read when it was imported
+    # Compiling, the silence before step 1's line is the compiler, not a hang; and that line says which.
+    assert (models.FIRST_STEP_NOTE in stdout) == (mode == "on")
+    first = next(line for line in stdout.splitlines() if line.startswith("step    1/2 | reward"))
+    assert first.endswith(f"| unsloth compile {mode} (--compile)")
+    assert "compile" not in next(line for line in stdout.splitlines() if line.startswith("step    2/2 | reward"))
     assert result["trainer_bases"] == ["KitGRPOTrainer", "UnslothGRPOTrainer"]
 
     half = "bfloat16" if gpu == "ampere" else "float16"
     assert result["model_dtype"] == f"torch.{half}"
+    # LoRA trains in fp32 on both cards: Unsloth's trainer drops TRL's bf16 cast of a 4-bit model's
+    # LoRA, which fp16's GradScaler could not unscale (and the kit's trainer would undo on a T4).
+    assert result["trainable_dtypes"] == ["torch.float32"]
     assert (result["bf16"], result["fp16"]) == ((True, False) if gpu == "ampere" else (False, True))
     assert result["use_cpu"] is False and result["optimizer"].startswith("bitsandbytes")  # the GPU recipe's 8-bit AdamW
     assert result["weight_decay"] == 0.0
@@ -220,3 +230,23 @@ def test_gguf_settings_checked_before_training(checks):
     assert "'q4_k_mm' is not a quantization Unsloth knows" in result["q4_k_mm"] and "q4_k_m" in result["q4_k_mm"]
     assert "no working llama.cpp in " in stdout and "no-llama.cpp. After training" in stdout
     assert "UNSLOTH_LLAMA_CPP_PATH" in stdout
+
+
+def test_compile_is_set_before_unsloth_imports_and_a_later_change_is_said(tmp_path):
+    """--compile reaches Unsloth through UNSLOTH_COMPILE_DISABLE, which it reads once, on import: set
+    before, it takes; asked for again in the same process (a notebook's second run), the first choice
+    stands, and one line says so rather than ignoring it."""
+    code = ("import sys; sys.path.insert(0, 'tests'); import unsloth_cpu; from grpo_math import compiling\n"
+            "print('first', compiling.set_compile('off'))\n"
+            "unsloth_cpu.import_unsloth(patch_trl=False)\n"
+            "from unsloth_zoo.temporary_patches.common import UNSLOTH_COMPILE_DISABLE\n"
+            "print('disabled', UNSLOTH_COMPILE_DISABLE)\n"
+            "print('second', compiling.set_compile('on'))\n")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "UNSLOTH_COMPILE_LOCATION": str(tmp_path / "cache")}
+    env.pop("UNSLOTH_COMPILE_DISABLE", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "first off" in lines and "disabled True" in lines and "second off" in lines
+    assert ("--compile on: Unsloth was imported in this process with its compile off, which stands; restart the "
+            "process (the notebook's kernel) for --compile on") in lines

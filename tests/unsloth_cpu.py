@@ -29,7 +29,8 @@ The stand-ins, the complete list (README.md points here), each because it cannot
   3. models.check_source, the kit's hub check before loading, lets the stand-in's model name through.
   4. FastLanguageModel.get_peft_model: it only takes a model from the real from_pretrained. PEFT LoRA
      with the arguments the kit passes, then what Unsloth attaches: for_training/for_inference and
-     its saving functions (save_pretrained_merged, save_pretrained_gguf).
+     its saving functions (save_pretrained_merged, save_pretrained_gguf). The model says it is
+     loaded in 4 bits, as the real one does: TRL reads that to cast LoRA to bf16, which Unsloth removes.
   5. With --script TEXT, the model writes TEXT after every prompt: a stand-in for a trained model,
      so that the stop tag and the format rewards have an answer to act on. Every completion of a
      group is then the same, so those runs train nothing; runs without --script sample varied text.
@@ -154,6 +155,7 @@ def stand_in_unsloth_loading(capability, calls, script=None, base_dir=None, lora
         calls.append({"call": "get_peft_model", "r": r, "lora_alpha": lora_alpha, "target_modules": target_modules,
                       "use_gradient_checkpointing": use_gradient_checkpointing})
         model = models.add_lora(model, r, random_state)
+        model.is_loaded_in_4bit = True  # after add_lora, which would prepare a 4-bit base as PEFT does
         if lora_start is not None:  # the adapter as training will find it
             lora_start.update({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
         model.for_training = functools.partial(FastLlamaModel.for_training, model)
@@ -228,9 +230,18 @@ def train(args, rest):
             "fp16": trainer.args.fp16, "optim": str(trainer.args.optim), "use_cpu": trainer.args.use_cpu,
             "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__module__,
             "model_dtype": str(model_dtype), "generation_kwargs": trainer.args.generation_kwargs,
+            "trainable_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
             "weight_decay": trainer.args.weight_decay, "calls": calls,
             "ddp_sync_wrapped": getattr(type(trainer).training_step, "_unsloth_grpo_ddp_sync_wrapped", False),
+            "unsloth_compile_disable": compile_disabled(),
             "lora": lora_moved(trainer.model, lora_start, trainer.args.output_dir)}
+
+
+def compile_disabled():
+    """Whether Unsloth's compile was off when it was imported (it reads UNSLOTH_COMPILE_DISABLE then)."""
+    from unsloth_zoo.temporary_patches.common import UNSLOTH_COMPILE_DISABLE
+
+    return UNSLOTH_COMPILE_DISABLE
 
 
 def lora_moved(model, start, run):
@@ -394,6 +405,11 @@ def main():
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
     args.rest = argv[cut + 1 :]  # after --: the training script's flags
+    # As models.pick_backend does on a GPU before it imports unsloth: --compile into Unsloth's variable.
+    from grpo_math import compiling
+
+    flag = lambda name, default: args.rest[args.rest.index(name) + 1] if name in args.rest else default
+    compiling.set_compile(flag("--compile", "auto"), int(flag("--max-steps", 0)) or None)
     import_unsloth(patch_trl=args.mode != "unpatched")
     result = train(args, args.rest) if args.mode in ("train", "unpatched") else MODES[args.mode](args)
     print("RESULT " + json.dumps(result, default=str), flush=True)
