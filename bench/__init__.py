@@ -7,4 +7,5 @@ grpo_math/ are importable: python -m bench.bench --help. Their figures are in BE
     bench_learning  the learning check: a real model scored before and after GRPO, with paired intervals
     vllm_agreement  greedy answers from vLLM against generate()'s: the share that agree
     gpu_check       every part that needs a GPU, each in a child process with a time limit; --dry-run on a CPU
+    gpu_plan        the GPU check's parts, their expected seconds, and how they fit calls and 15-minute loans
 """

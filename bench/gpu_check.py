@@ -1,31 +1,30 @@
-"""The GPU check: the kit's speed and memory claims, measured on one CUDA machine, in ten-minute calls.
+"""The GPU check: the kit's speed and memory claims, measured on one CUDA machine, in loans of 15 minutes.
 
-    python -m bench.gpu_check --out DIR --parts bench           # on the GPU: ratios and memory (8 min)
-    python -m bench.gpu_check --out DIR --parts t4              # the T4 case (6 min)
-    python -m bench.gpu_check --out DIR --parts agents-1        # 1 agent against 4, and a profiled step
-    python -m bench.gpu_check --out DIR --parts env,model,train-chat,evaluate
-    python -m bench.gpu_check --out DIR --parts train-xml,c128,c512
-    python -m bench.gpu_check --out DIR --parts model,train-chat,train-tools  # --tools calculator (9 min)
-    python -m bench.gpu_check --out DIR --dry-run               # every part on the CPU: tiny model and shapes
+    python -m bench.gpu_check --plan                           # the parts' expected seconds, in calls and loans
+    python -m bench.gpu_check --out DIR --parts env,unsloth,t4-trl --budget-s 584   # then each call --plan prints
+    python -m bench.gpu_check --out DIR --dry-run              # every part on the CPU: tiny model and shapes
 
 Each part is one child process with a time limit of its own, its output in DIR/logs/PART.log. A crash or
 a timeout is recorded and the next part runs; a part that would start with too little of --budget-s left
 is skipped and says so, and a later call with --parts runs it into the same DIR (the folder, the model
-part's included, must still be there). Every unsloth process spends minutes importing, loading and
-compiling before its second step, so the limits add up to about 55 minutes. Most important first:
+part's included, must still be there). A part's limit comes from its expected seconds (below, from what
+an H200 showed) with a margin; --plan adds them up, with each loan's start and the waits between calls.
+Unsloth's compile is off in every part but compile-on, which alone spends minutes compiling step 1.
+Most important first:
 
     env         the GPU, its capability and memory, every version, the bundle's pins, and whether
                 unsloth patched trl
-    bench       python -m bench.bench: unsloth against trl, Qwen2.5-1.5B shape with random weights, the
-                Qwen tokenizer, G = 8, 256 tokens, 1 warm-up + 3 timed steps
-    t4          the unsloth backend in fp16 under a 15 GiB cap, the default recipe's settings: a T4
+    unsloth     python -m bench.bench on the unsloth backend, one process: Qwen2.5-1.5B shape with random
+                weights, the Qwen tokenizer, G = 8, 256 tokens, 1 warm-up + 6 timed steps whose prompts
+                alternate between 4 agents and 1, a profiled step, then generation batches of 32 and 64
+    t4-trl, t4  the trl and the unsloth backends in fp16 under a 15 GiB cap, the default recipe: a T4
+    compile-on  the unsloth part's shape with Unsloth's compile on: what step 1 costs, and later steps
+    trl         the trl backend, the unsloth part's shape and generation batches: the ratios
     model       the random-weight 1.5B-shaped model saved to a folder, with the Qwen tokenizer
     train-chat  train_gsm8k.py --max-steps 8 on that folder (64-token completions), unsloth, --save-merged
     evaluate    evaluate.py on train-chat's run, the ensemble included, 8 GSM8K questions
-    agents-1    bench.py, unsloth only, every prompt by one agent (bench's own prompts cycle four), then
-                torch.profiler on one more step: one process, so one compilation, serves both
     train-xml   train-chat with --prompt-style xml
-    c128, c512  bench.py, unsloth only, at 128 and 512 completion tokens
+    c128, c512  the unsloth part's shape at 128 and 512 completion tokens
     train-tools train-chat with --tools calculator --agents calculator, 20 steps: the tool schema in every
                 prompt and the calls the model makes; its median step time over train-chat's
 
@@ -47,59 +46,17 @@ import subprocess
 import sys
 import time
 
-from bench.bench import QWEN_TOKENIZER, ROWS, SHAPE_FLAGS, SHAPES, missing_data, save_random_model
+from bench.bench import QWEN_TOKENIZER, ROWS, SHAPE_FLAGS, SHAPES, missing_data, ratio, save_random_model
+from bench.gpu_plan import GSM8K_DIR, ROOT, limit_of, parts, print_plan
 from grpo_math.runs import write_json_atomic
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the kit's folder
-GSM8K_DIR = os.path.join(ROOT, "..", "shared", "data", "gsm8k")
-PY = sys.executable
+BENCH_PARTS = ("unsloth", "compile-on", "t4-trl", "t4", "trl", "c128", "c512", "profile")  # bench.py's, each with a --json
 MIN_START_S = 30  # a part is not started with less of the budget left
 BENCH_FIGURES = {key: unit for _, key, _, unit in ROWS}  # bench.py's JSON keys, with their units
 GB = 1e9 / 2**30  # GiB per GB
 
 
-# ---------------------------------------------------------------------------- the parts
-
-def bench_cmd(a, out, steps, warmup, *flags):
-    size = ["--smoke"] if a.dry_run else ["--steps", str(steps), "--warmup", str(warmup)]
-    return [PY, "-m", "bench.bench", *size, "--json", out, *flags]
-
-
-def train_cmd(a, style, *flags, run=None, steps=8):
-    size = (["--backend", "trl", "--max-steps", "2", "--num-generations", "4", "--max-completion-length", "16",
-             "--lora-rank", "4", "--eval-examples", "2", "--max-examples", "8"] if a.dry_run
-            else ["--backend", "unsloth", "--max-steps", str(steps), "--max-completion-length", "64", "--max-examples", "40"])
-    return [PY, os.path.join(ROOT, "train_gsm8k.py"), "--model-name", os.path.join(a.out, "model"),
-            "--dataset", GSM8K_DIR, "--prompt-style", style, "--output-dir", os.path.join(a.out, "runs", run or style),
-            "--save-steps", "4", "--overwrite", *size, *flags]  # --overwrite: a rerun (--parts) keeps the old aside
-
-
-def parts(a):
-    """[(name, time limit in s on the GPU, command)], most important first. The limits allow for what an
-    H200 showed (BENCHMARKS.md, "GPU figures"): an unsloth process took 40 s to import Unsloth and load
-    the model, then 204 s for its first step (173 s of it the training pass, compiling), then 10-11 s a
-    step at 256 tokens; bench's trl process took 96 s for its 4 steps; bench in all, 407 s."""
-    j = lambda name: os.path.join(a.out, name + ".json")
-    unsloth = [] if a.dry_run else ["--backends", "unsloth"]
-    return [
-        ("env", 60, [PY, "-m", "bench.gpu_check", "--env", j("env")]),
-        ("bench", 480, bench_cmd(a, j("bench"), 3, 1)),
-        ("t4", 360, bench_cmd(a, j("t4"), 3, 1, *unsloth, "--fp16", "--memory-cap-gib", "15")),
-        ("model", 60, [PY, "-m", "bench.gpu_check", "--save-model", os.path.join(a.out, "model")]
-         + (["--tiny"] if a.dry_run else [])),
-        ("train-chat", 360, train_cmd(a, "chat", "--save-merged")),
-        ("evaluate", 150, [PY, os.path.join(ROOT, "evaluate.py"), "--model-name", os.path.join(a.out, "model"),
-                           "--adapter", os.path.join(a.out, "runs", "chat"), "--dataset", GSM8K_DIR, "--n", "8",
-                           "--calibration-n", "4", "--max-new-tokens", "16" if a.dry_run else "64",
-                           "--out", os.path.join(a.out, "eval"), "--overwrite"]),
-        ("agents-1", 360, bench_cmd(a, j("agents-1"), 3, 1, *unsloth, "--agents", "1", "--profile")),
-        ("train-xml", 360, train_cmd(a, "xml")),
-        ("c128", 300, bench_cmd(a, j("c128"), 3, 1, *unsloth, "--completion-length", "128")),
-        ("c512", 360, bench_cmd(a, j("c512"), 3, 1, *unsloth, "--completion-length", "512")),
-        ("train-tools", 420, train_cmd(a, "chat", "--tools", "calculator", "--agents", "calculator", run="tools",
-                                       steps=20)),
-    ]
-
+# ---------------------------------------------------------------------------- running the parts
 
 def run_part(name, limit, cmd, log_dir, env=None):
     """Run one part's command to its end or its limit; its status, exit code, seconds and last 40 log lines."""
@@ -193,13 +150,31 @@ def figures(a, results):
         out["env"] = {"gpu": {"value": gpu.get("name", "none (CPU)"), "unit": ""},
                       "gpu_memory_gib": {"value": gpu.get("memory_gib"), "unit": "GiB"},
                       "unsloth_patched_trl": {"value": env.get("unsloth_patched_trl"), "unit": ""}}
-    for part in ("bench", "t4", "c128", "c512", "agents-1"):
-        r = j(part)
-        for backend, fig in ((r or {}).get("backends") or {}).items():
-            out.setdefault(part, {}).update({f"{backend}.{k}": {"value": fig.get(k), "unit": u}
-                                             for k, u in BENCH_FIGURES.items() if "skipped" not in fig})
-        for k, v in ((r or {}).get("ratios_unsloth_over_trl") or {}).items():
-            out[part][f"unsloth/trl.{k}"] = {"value": v, "unit": "x"}
+    for part in BENCH_PARTS:
+        for backend, fig in ((j(part) or {}).get("backends") or {}).items():
+            if "skipped" in fig or "failed" in fig:
+                continue
+            named = {f"{backend}.{k}": {"value": fig.get(k), "unit": u} for k, u in BENCH_FIGURES.items()}
+            named.update({f"{backend}.{k}": {"value": fig.get(k), "unit": u} for k, u in
+                          (("loaded_s", "s"), ("first_step_s", "s"), ("compile", ""))})
+            named.update({f"{backend}.agents {k}.step_s": {"value": v, "unit": "s"}
+                          for k, v in (fig.get("by_agents") or {}).items()})
+            for n, g in (fig.get("generation_batches") or {}).items():
+                named.update({f"{backend}.generation batch {n}.{k}": {"value": g.get(k), "unit": u} for k, u in
+                              (("tokens_per_s", "tokens/s"), ("s_per_completion", "s"), ("peak_reserved_gib", "GiB"),
+                               ("failed", ""))})
+            out.setdefault(part, {}).update(named)
+    value = lambda part, key: ((out.get(part) or {}).get(key) or {}).get("value")
+    for key in ("step_s", "peak_reserved_gib"):  # the two backends, each in a process of its own
+        r = ratio(value("unsloth", "unsloth." + key), value("trl", "trl." + key))
+        if r is not None:
+            out["unsloth"][f"unsloth/trl.{key}"] = {"value": r, "unit": "x"}
+    on, off = (value(part, "unsloth.first_step_s") for part in ("compile-on", "unsloth"))
+    if on and off:
+        saved = value("unsloth", "unsloth.step_s") - value("compile-on", "unsloth.step_s")  # per later step  # what step 1 costs with the compile, and how many later steps pay it back
+        out["compile-on"]["step 1 extra"] = {"value": on - off, "unit": "s"}
+        out["compile-on"]["steps to pay back"] = {"value": (on - off) / saved if saved > 0 else None,
+                                                 "unit": "steps (none: a compiled step is not faster)"}
     for style in ("chat", "xml", "tools"):
         stats = read_json(os.path.join(a.out, "runs", style, "training_stats.json")) or []
         steps = [s for s in stats if "step_time" in s]
@@ -223,9 +198,10 @@ def figures(a, results):
         out["evaluate"] = {"questions": {"value": ev["config"]["n"], "unit": "questions"},
                            "ensemble_seconds_per_question": {
                                "value": (run.get("ensemble") or {}).get("seconds_per_question"), "unit": "s"}}
-    if "t4" in results and results["t4"]["status"] != "skipped":  # out of memory under the cap: a T4 would be too
-        oom = any("OutOfMemoryError" in line for line in results["t4"]["log_tail"])
-        out.setdefault("t4", {})["fits"] = {"value": results["t4"]["status"] == "ok" and not oom, "unit": ""}
+    for part in ("t4", "t4-trl"):  # out of memory under the cap: a T4 would be too
+        if part in results and results[part]["status"] != "skipped":
+            oom = any("OutOfMemoryError" in line for line in results[part]["log_tail"])
+            out.setdefault(part, {})["fits"] = {"value": results[part]["status"] == "ok" and not oom, "unit": ""}
     for name, r in results.items():
         out.setdefault(name, {})["wall"] = {"value": r.get("seconds"), "unit": "s"}
     return out
@@ -234,15 +210,20 @@ def figures(a, results):
 def targets(figs):
     """The targets the GPU figures are held to: [(figure, measured, target, met)]."""
     get = lambda part, key: (figs.get(part, {}).get(key) or {}).get("value")
-    peak = get("bench", "unsloth.peak_reserved_gib")
-    fits = get("t4", "fits")
-    t4 = None if fits is None else get("t4", "unsloth.step_s") if fits else "did not fit or failed (its log)"
-    one, four = get("agents-1", "unsloth.step_s"), get("bench", "unsloth.step_s")
-    rows = [("step time, unsloth / trl", get("bench", "unsloth/trl.step_s"), "<= 0.5", lambda v: v <= 0.5),
-            ("peak reserved memory, unsloth / trl", get("bench", "unsloth/trl.peak_reserved_gib"), "<= 0.6",
+
+    def t4(part, backend):
+        fits = get(part, "fits")
+        return None if fits is None else get(part, f"{backend}.step_s") if fits else "did not fit or failed (its log)"
+
+    peak = get("unsloth", "unsloth.peak_reserved_gib")
+    four, one = get("unsloth", "unsloth.agents core.step_s"), get("unsloth", "unsloth.agents 1.step_s")
+    fits = lambda v: not isinstance(v, str)
+    rows = [("step time, unsloth / trl", get("unsloth", "unsloth/trl.step_s"), "<= 0.5", lambda v: v <= 0.5),
+            ("peak reserved memory, unsloth / trl", get("unsloth", "unsloth/trl.peak_reserved_gib"), "<= 0.6",
              lambda v: v <= 0.6),
             ("peak reserved memory, default recipe, unsloth (GB)", peak and peak / GB, "<= 6", lambda v: v <= 6),
-            ("the default recipe in fp16 under 15 GiB: s/step", t4, "fits", lambda v: not isinstance(v, str)),
+            ("the default recipe in fp16 under 15 GiB, unsloth: s/step", t4("t4", "unsloth"), "fits", fits),
+            ("the default recipe in fp16 under 15 GiB, trl: s/step", t4("t4-trl", "trl"), "fits", fits),
             ("4 agents / 1 agent, step time", four and one and four / one, "<= 1.05", lambda v: v <= 1.05)]
     return [(label, v, target, None if v is None else bool(ok(v))) for label, v, target, ok in rows]
 
@@ -277,6 +258,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="folder for gpu-check.json, gpu-check.md, the logs and every part's output")
     p.add_argument("--dry-run", action="store_true", help="on the CPU: tiny model and shapes, trl backend")
+    p.add_argument("--plan", action="store_true", help="print each part's expected seconds and limit, and the calls "
+                   "and loans they make, the machine's start included; run nothing")
     p.add_argument("--budget-s", type=float, default=540, help="seconds for all the parts (default: 540)")
     p.add_argument("--parts", help="comma-separated: only these parts, in the check's order (default: all); "
                    "in a folder that holds a check, these are rerun and the others' results kept")
@@ -289,14 +272,16 @@ def main():
     if a.save_model:
         return save_random_model("tiny" if a.tiny else "1.5b", dict(zip(SHAPE_FLAGS, SHAPES["1.5b"])), a.save_model)
     if not a.out:
-        p.error("--out DIR is required: the folder the check writes to")
-    earlier = read_json(os.path.join(a.out, "gpu-check.json")) if a.parts else None
-    if os.path.isdir(a.out) and os.listdir(a.out) and earlier is None:
+        if not a.plan:
+            p.error("--out DIR is required: the folder the check writes to")
+        a.out = "DIR"
+    earlier = read_json(os.path.join(a.out, "gpu-check.json")) if a.parts and not a.plan else None
+    if not a.plan and os.path.isdir(a.out) and os.listdir(a.out) and earlier is None:
         p.error(f"--out {a.out} exists and is not empty: give a new folder, so that no earlier check is "
                 "overwritten (or rerun some of its parts there with --parts)")
     if earlier and earlier["dry_run"] != a.dry_run:
         p.error(f"--out {a.out} holds a {'dry' if earlier['dry_run'] else 'GPU'} run: rerun its parts the same way")
-    if not a.dry_run:  # every GPU part reads them: refused here, not as a traceback in each part's log
+    if not a.dry_run and not a.plan:  # every GPU part reads them: refused here, not as a traceback in each part's log
         for what, path, file in (("the Qwen tokenizer", QWEN_TOKENIZER, "tokenizer_config.json"),
                                  ("GSM8K", GSM8K_DIR, "test.jsonl")):
             if not os.path.isfile(os.path.join(path, file)):
@@ -308,6 +293,9 @@ def main():
         if unknown:
             p.error(f"--parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(n for n, _, _ in plan)}")
         plan = [part for part in plan if part[0] in wanted]
+    if a.plan:
+        return print_plan(plan)
+    plan = [(name, limit_of(expected), cmd) for name, expected, cmd in plan]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
     if a.dry_run:

@@ -139,6 +139,23 @@ def test_summarize_decode_efficiency_by_hand():
     assert out["decode_efficiency"] == pytest.approx(1024 / 16_000)  # 6.4%
 
 
+def test_each_agent_sets_median_leaves_the_warm_up_out():
+    steps = [9.0, 2.0, 3.0, 4.0, 5.0, 1.0]  # step 1 (the warm-up) is the first set's and the slowest
+    records = [{"step_s": s, "agents": ("core", "1")[i % 2]} for i, s in enumerate(steps)]
+    assert bench_worker.by_agents(records, warmup=1) == {"1": 2.0, "core": 4.0}  # medians of 2, 4, 1 and 3, 5
+
+
+def test_a_generation_batch_is_timed_on_its_second_call():
+    # 32 completions, 8 a step: 8 steps, a generation call at steps 1 and 5; the first call warms up
+    records = ([{"step_s": 20.0, "generation_s": 19.0, "tokens": 8192}] + [{"step_s": 1.0, "generation_s": 0.0,
+               "tokens": 0}] * 3) * 2
+    records[4] = {"step_s": 12.0, "generation_s": 11.0, "tokens": 8192}
+    out = bench_worker.generation_batch_figures(records, 32)
+    assert (out["generation_s"], out["tokens"], out["steps"], out["window_s"]) == (11.0, 8192, 4, 15.0)
+    assert out["tokens_per_s"] == pytest.approx(8192 / 11)
+    assert out["s_per_completion"] == pytest.approx(15 / 32)  # generation and training of the 32, per completion
+
+
 @pytest.mark.parametrize("a, b, expected", [
     (3.0, 1.5, 2.0),  # unsloth takes twice as long as trl
     (1.0, 4.0, 0.25),

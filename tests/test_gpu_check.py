@@ -1,6 +1,7 @@
 """bench/gpu_check.py: the dry run end to end on the CPU (every part, the JSON and the tables), and a
 part that crashes or runs past its limit, recorded while the next part still runs."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -9,34 +10,97 @@ import time
 
 import pytest
 
-from bench import bench, gpu_check
-from conftest import ROOT, need_gsm8k
+from bench import bench, gpu_check, gpu_plan
+from conftest import ROOT, need_gsm8k, need_qwen_tokenizer
 
 PY = sys.executable
-FIGURE_UNITS = {"env": {"gpu", "unsloth_patched_trl", "wall"}, "bench": {"trl.step_s", "trl.peak_reserved_gib"},
+FIGURE_UNITS = {"env": {"gpu", "unsloth_patched_trl", "wall"},
+                "unsloth": {"trl.step_s", "trl.peak_reserved_gib", "trl.first_step_s", "trl.loaded_s",
+                            "trl.agents 1.step_s", "trl.agents core.step_s",
+                            "trl.generation batch 64.s_per_completion", "trl.generation batch 32.tokens_per_s"},
                 "train-chat": {"steps", "step_time_median", "grad_norm_min", "merged_saved"},
                 "evaluate": {"questions", "ensemble_seconds_per_question"}}
+# The dry run's parts: one of each kind of command (the others differ in flags that only a GPU can tell
+# apart; test_every_parts_command_is_accepted checks those flags).
+DRY_PARTS = ["env", "unsloth", "t4", "model", "train-chat", "evaluate", "train-tools"]
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     need_gsm8k()
     out = tmp_path_factory.mktemp("gpu-check") / "check"
-    proc = subprocess.run([PY, "-m", "bench.gpu_check", "--out", str(out), "--dry-run"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([PY, "-m", "bench.gpu_check", "--out", str(out), "--dry-run", "--parts", ",".join(DRY_PARTS)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "gpu-check.json") as f:
         return out, proc.stdout, json.load(f)
 
 
-def test_dry_run_runs_every_part(dry_run):
+def test_dry_run_runs_its_parts(dry_run):
     out, _, report = dry_run
-    names = [name for name, _, _ in gpu_check.parts(gpu_check.argparse.Namespace(out=str(out), dry_run=True))]
-    assert list(report["parts"]) == names
+    assert list(report["parts"]) == DRY_PARTS
     for name, part in report["parts"].items():
         assert part["status"] == "ok" and part["exit_code"] == 0, (name, part["log_tail"])
         assert os.path.isfile(out / "logs" / f"{name}.log")
     assert report["dry_run"] is True
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_every_parts_command_is_accepted(dry_run, tmp_path, monkeypatch, capsys):
+    """Each part's command line, on the GPU and in the dry run, through the parser of what it runs."""
+    import evaluate
+    import train_gsm8k
+    from grpo_math import settings
+
+    need_qwen_tokenizer()  # the GPU's bench commands ask for it
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", ""))  # --smoke sets it
+    (tmp_path / "runs" / "chat").mkdir(parents=True)  # evaluate.py reads the adapter train-chat leaves
+    (tmp_path / "runs" / "chat" / "adapter_config.json").write_text("{}")
+    for name, _, cmd in gpu_plan.parts(argparse.Namespace(out=str(tmp_path), dry_run=dry_run)):
+        args = cmd[cmd.index("bench.bench") + 1:] if "bench.bench" in cmd else cmd[2:]
+        if "bench.bench" in cmd:
+            monkeypatch.setattr(sys, "argv", ["bench", *args])
+            bench.parse_args()
+        elif cmd[1].endswith("train_gsm8k.py"):
+            s = settings.parse_settings("", train_gsm8k.DEFAULTS, args, train_gsm8k.add_args)
+            assert s["compile"] == ("auto" if dry_run else "off"), name
+        elif cmd[1].endswith("evaluate.py"):
+            evaluate.parse_args(args)
+        else:
+            assert cmd[1:3] == ["-m", "bench.gpu_check"], name
+    assert "error" not in capsys.readouterr().err
+
+
+def test_the_plan_fits_its_calls_and_loans():
+    """--plan's arithmetic: each call's limits fit one command, each loan's expected seconds (its start
+    and the waits between calls included) fit the loan, and every part is in one call, in order."""
+    plan = gpu_plan.parts(argparse.Namespace(out="DIR", dry_run=False))
+    calls = gpu_plan.plan_calls(plan)
+    assert [name for call in calls for name in call[2]] == [name for name, _, _ in plan]
+    expected = dict((name, e) for name, e, _ in plan)
+    for loan in {c[0] for c in calls}:
+        mine = [c for c in calls if c[0] == loan]
+        assert [c[1] for c in mine] == list(range(1, len(mine) + 1))
+        assert gpu_plan.MACHINE_START_S + gpu_plan.CALL_GAP_S * (len(mine) - 1) + sum(c[3] for c in mine) <= 900
+        for _, _, names, seconds, limits in mine:
+            assert limits <= gpu_plan.CALL_S and limits == sum(gpu_plan.limit_of(expected[n]) for n in names)
+            assert seconds == pytest.approx(sum(expected[n] for n in names))
+    # the unsloth part: 25 s for bench.py, 55 to load, step 1 uncompiled 80, then 6 steps of 17 and two
+    # generation calls each of 32 and of 64 completions with the steps that train on them
+    assert expected["unsloth"] == pytest.approx(25 + 55 + 80 + 6 * 17 + (2 * 17 * 1.5 + 4 * 0.7) + (2 * 17 * 2 + 8 * 0.7))
+    assert gpu_plan.limit_of(100) == 155  # x 1.25 + 30 s
+
+
+def test_a_part_longer_than_a_call_is_refused_by_the_plan():
+    with pytest.raises(ValueError, match="over one call's 600 s"):
+        gpu_plan.plan_calls([("short", 100, []), ("long", 500, [])])
+
+
+def test_plan_prints_each_call_with_its_parts():
+    proc = run_check("--plan")
+    assert proc.returncode == 0, proc.stderr
+    assert "loan 1: " in proc.stdout and "call 1: --parts env" in proc.stdout and "of 900" in proc.stdout
+    assert not os.path.exists(os.path.join(ROOT, "DIR"))  # --plan writes nothing
 
 
 def test_dry_run_writes_every_figure_with_its_unit(dry_run):
@@ -48,11 +112,13 @@ def test_dry_run_writes_every_figure_with_its_unit(dry_run):
         for name, figure in named.items():
             assert set(figure) == {"value", "unit"}, (part, name)
     assert figures["env"]["gpu"]["value"] == "none (CPU)"
-    assert figures["bench"]["trl.step_s"]["value"] > 0 and figures["bench"]["trl.step_s"]["unit"] == "s"
-    assert figures["bench"]["trl.peak_reserved_gib"] == {"value": None, "unit": "GiB"}  # no CUDA device
+    assert figures["unsloth"]["trl.step_s"]["value"] > 0 and figures["unsloth"]["trl.step_s"]["unit"] == "s"
+    assert figures["unsloth"]["trl.peak_reserved_gib"] == {"value": None, "unit": "GiB"}  # no CUDA device
+    assert figures["unsloth"]["trl.generation batch 64.s_per_completion"]["value"] > 0
+    assert figures["unsloth"]["trl.compile"]["value"] is None  # the trl backend has no compile to switch
     assert figures["train-chat"]["steps"]["value"] == 2 and figures["train-chat"]["grad_norm_min"]["value"] > 0
     assert figures["train-chat"]["merged_saved"]["value"] is True  # --save-merged on train-chat only
-    assert figures["train-xml"]["merged_saved"]["value"] is False
+    assert figures["train-tools"]["merged_saved"]["value"] is False
     assert figures["evaluate"]["questions"]["value"] == 8
     assert figures["t4"]["fits"]["value"] is True  # the trl backend on a CPU: no cap to hit, but recorded
 
@@ -61,11 +127,11 @@ def test_dry_run_renders_the_tables(dry_run):
     out, stdout, report = dry_run
     text = (out / "gpu-check.md").read_text()
     assert text.startswith("GPU check (dry run, CPU)")
-    assert "| bench | ok | 0 |" in text and "| c512 | ok | 0 |" in text
+    assert "| unsloth | ok | 0 |" in text and "| train-tools | ok | 0 |" in text
     assert "| step time, unsloth / trl | not measured | <= 0.5 | n/a |" in text  # no unsloth on a CPU
     assert "| train-chat | grad_norm_min |" in text
     assert text in stdout  # printed as written
-    assert len(report["targets"]) == 5
+    assert len(report["targets"]) == 6
 
 
 def plan_of(*parts):
@@ -114,15 +180,28 @@ def test_a_part_that_would_start_past_the_budget_is_skipped(tmp_path):
 
 def test_the_targets_are_met_missed_or_not_measured():
     fig = lambda v: {"value": v, "unit": ""}
-    figs = {"bench": {"unsloth/trl.step_s": fig(0.4), "unsloth/trl.peak_reserved_gib": fig(0.7),
-                      "unsloth.peak_reserved_gib": fig(5.0), "unsloth.step_s": fig(2.0)},
-            "agents-1": {"unsloth.step_s": fig(2.0)}, "t4": {"unsloth.step_s": fig(3.0), "fits": fig(False)}}
+    figs = {"unsloth": {"unsloth/trl.step_s": fig(0.4), "unsloth/trl.peak_reserved_gib": fig(0.7),
+                        "unsloth.peak_reserved_gib": fig(5.0), "unsloth.agents core.step_s": fig(2.0),
+                        "unsloth.agents 1.step_s": fig(2.0)},
+            "t4": {"unsloth.step_s": fig(3.0), "fits": fig(False)}, "t4-trl": {"trl.step_s": fig(4.0), "fits": fig(True)}}
     met = {label: ok for label, _, _, ok in gpu_check.targets(figs)}
     assert gpu_check.targets({})[3][1:] == (None, "fits", None)  # the t4 part did not run
     assert met == {"step time, unsloth / trl": True, "peak reserved memory, unsloth / trl": False,
                    "peak reserved memory, default recipe, unsloth (GB)": True,  # 5 GiB is 5.37 GB
-                   "the default recipe in fp16 under 15 GiB: s/step": False,  # out of memory under the cap
+                   "the default recipe in fp16 under 15 GiB, unsloth: s/step": False,  # out of memory under the cap
+                   "the default recipe in fp16 under 15 GiB, trl: s/step": True,
                    "4 agents / 1 agent, step time": True}
+
+
+def test_the_compiles_cost_and_pay_back_come_from_the_two_parts(tmp_path):
+    """Step 1's extra with the compile, over what each later step saves: the steps that pay it back."""
+    for part, first, step in (("unsloth", 78.85, 16.235), ("compile-on", 204.4, 10.881)):  # two H200 runs
+        (tmp_path / f"{part}.json").write_text(json.dumps({"backends": {"unsloth": {
+            "first_step_s": first, "step_s": step, "compile": "on" if part == "compile-on" else "off"}}}))
+    figs = gpu_check.figures(argparse.Namespace(out=str(tmp_path)), {})
+    assert figs["compile-on"]["step 1 extra"]["value"] == pytest.approx(125.55)
+    assert figs["compile-on"]["steps to pay back"]["value"] == pytest.approx(125.55 / 5.354)  # 23.4 steps
+    assert figs["unsloth"]["unsloth.compile"]["value"] == "off"
 
 
 def test_the_bundle_pins_are_read_from_its_info_file(tmp_path, monkeypatch):
@@ -143,7 +222,7 @@ def test_a_folder_holding_anything_is_not_written_over(tmp_path):
     assert proc.returncode == 2 and "exists and is not empty" in proc.stderr and "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == ["notes.txt"]
     proc = run_check("--out", str(tmp_path / "new"), "--dry-run", "--parts", "env,gpu")
-    assert proc.returncode == 2 and "--parts: unknown gpu; choose from env, bench" in proc.stderr
+    assert proc.returncode == 2 and "--parts: unknown gpu; choose from env, unsloth" in proc.stderr
 
 
 @pytest.mark.parametrize("missing", ["QWEN_TOKENIZER", "GSM8K_DIR"])
@@ -151,7 +230,7 @@ def test_a_gpu_check_without_the_data_is_refused_before_any_part(tmp_path, monke
     """On a fresh GPU machine ../shared/data is absent until copied there: each part used to fail on it
     with a traceback in its log, after seconds of its limit."""
     monkeypatch.setattr(gpu_check, missing, str(tmp_path / "absent"))
-    monkeypatch.setattr(sys, "argv", ["gpu_check", "--out", str(tmp_path / "check"), "--parts", "bench"])
+    monkeypatch.setattr(sys, "argv", ["gpu_check", "--out", str(tmp_path / "check"), "--parts", "unsloth"])
     with pytest.raises(SystemExit) as stop:
         gpu_check.main()
     err = capsys.readouterr().err
