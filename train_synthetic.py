@@ -160,7 +160,8 @@ def main(argv=None):
     levels = ["easy", "medium", "hard"] if s["curriculum"] else [s["difficulty"]]
     per_level = max(1, s["max_examples"] // len(levels))
     train_rows = [row for level in levels for row in synthetic_problems(per_level, level, seed=s["seed"])]
-    eval_rows = synthetic_problems(s["eval_examples"], levels[-1], seed=s["seed"] + 1).to_list()
+    eval_rows = (synthetic_problems(s["eval_examples"], levels[-1], seed=s["seed"] + 1).to_list()
+                 if s["eval_examples"] else [])  # --eval-examples 0: no held-out questions
 
     # 3. The agents' prompts: each problem once per agent, in the XML-tag form.
     prompts = expand_agents(train_rows, s["agents"], s["agent_sampling"], s["seed"], style=s["prompt_style"],
