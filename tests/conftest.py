@@ -17,7 +17,7 @@ SCRIPT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 def run_script(script, *flags, check=True, env=None):
     """``python SCRIPT FLAGS`` in the repo, to the end (``python -m SCRIPT`` for a module such as
-    bench.bench_learning); fails the test on a non-zero exit if ``check``."""
+    bench.learning_study); fails the test on a non-zero exit if ``check``."""
     command = [os.path.join(ROOT, script)] if script.endswith(".py") else ["-m", script]
     proc = subprocess.run(
         [sys.executable, *command, *flags],

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from grpo_math.intervals import mcnemar, paired_difference, wilson
+from grpo_math.intervals import detectable_difference, mcnemar, paired_difference, pooled_difference, wilson
 
 
 @pytest.mark.parametrize("k, n, low, high", [
@@ -49,3 +49,47 @@ def test_mcnemar_counts_the_discordant_questions():
     # exact two-sided binomial: 2 * P(X <= 3), X ~ Binomial(13, 1/2)
     assert m["p_value"] == pytest.approx(2 * sum(math.comb(13, i) for i in range(4)) / 2**13)
     assert mcnemar(before, before)["p_value"] == 1.0  # no disagreement: no evidence either way
+
+
+# The two-level bootstrap of a study over training seeds, on outcomes whose answer is known.
+def test_pooled_difference_above_zero_when_every_seed_improves():
+    before = [0] * 50 + [1] * 50
+    gains = [[1] * k + [0] * (50 - k) + [1] * 50 for k in (10, 15, 20)]  # 10, 15, 20 questions gained, none lost
+    d = pooled_difference([(before, after) for after in gains], reps=2000)
+    assert d["difference"] == pytest.approx(0.15) and d["seeds"] == 3 and d["n"] == 300
+    assert 0 < d["low"] < 0.15 < d["high"]
+    everything = pooled_difference([([0] * 40, [1] * 40)] * 3, reps=500)  # every question, every seed
+    assert (everything["difference"], everything["low"], everything["high"], everything["se"]) == (1, 1, 1, 0)
+
+
+def test_pooled_difference_covers_zero_when_nothing_changed():
+    same = [0, 1] * 50
+    unchanged = pooled_difference([(same, same)] * 3, reps=500)
+    assert unchanged["low"] == 0.0 == unchanged["high"]
+    # each seed gains as many questions as it loses: changes, but no difference
+    churn = [([0] * 10 + [1] * 10 + [0] * 80, [1] * 10 + [0] * 10 + [0] * 80)] * 3
+    d = pooled_difference(churn, reps=2000)
+    assert d["difference"] == 0 and d["low"] < 0 < d["high"]
+
+
+def test_pooled_difference_is_wider_than_one_improving_seed():
+    """One seed gains 30 points and two stay flat: the seeds disagree, and the pooled interval says so
+    by being wider than the improving seed's own, which only knows that seed's questions."""
+    before = [0] * 100
+    improving = (before, [1] * 30 + [0] * 70)
+    flat = (before, before)
+    alone = paired_difference(*improving, reps=2000)
+    pooled = pooled_difference([improving, flat, flat], reps=2000)
+    assert pooled["difference"] == pytest.approx(0.1)
+    assert pooled["high"] - pooled["low"] > alone["high"] - alone["low"]
+    assert pooled["low"] <= 0.0  # two seeds in three flat: a resample of only those gains nothing
+
+
+def test_pooled_difference_refuses_unequal_or_empty_outcomes():
+    for pairs in ([], [([0, 1], [1])], [([], [])]):
+        with pytest.raises(ValueError, match="equal, non-empty"):
+            pooled_difference(pairs)
+
+
+def test_detectable_difference_is_about_2_8_standard_errors():
+    assert detectable_difference(0.05) == pytest.approx(0.140, abs=1e-3)

@@ -83,7 +83,7 @@ def test_a_script_run_by_its_path_finds_the_package_from_any_folder(tmp_path, sc
     assert "--max-steps" in proc.stdout
 
 
-@pytest.mark.parametrize("name", ["bench", "bench_rewards", "bench_learning"])
+@pytest.mark.parametrize("name", ["bench", "bench_rewards", "learning_study"])
 def test_a_benchmark_run_by_its_path_names_the_command_that_works(tmp_path, name):
     """The benchmarks run as modules from the kit's folder; run by their path, they say so in one line."""
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", f"{name}.py"), "--help"], cwd=tmp_path,
