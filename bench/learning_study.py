@@ -176,14 +176,15 @@ def run_one(study, arm, seed):
     folder = os.path.join(args.output_dir, "runs", name)
     flags = ["--model-name", study["model_name"], *RECIPE, *ARMS[arm], "--max-steps", str(study["max_steps"]),
              "--max-examples", str(study["max_examples"]), "--eval-examples", str(study["eval_examples"]),
-             "--seed", str(seed), "--vllm", args.vllm,
-             "--output-dir", folder]
+             "--seed", str(seed), "--vllm", args.vllm, "--output-dir", folder]
     resume = os.path.isdir(folder) and bool(os.listdir(folder))
     print(f"\n== {name}: python train_synthetic.py {' '.join(flags)}{' --resume' * resume}", flush=True)
     start = time.time()
     train_synthetic.main(flags + ["--resume"] * resume)
     train_seconds = time.time() - start
     config = runs.read_config(folder)
+    if config.get("finished_step") != study["max_steps"]:  # a stop ends the study with it; this is a guard
+        fail(f"{name} did not train to step {study['max_steps']}; its folder {folder} says where it stopped")
     stats = load_json(os.path.join(folder, runs.STATS_FILE))
     after = score(study, folder)
     steps = [e["step_time"] for e in stats if e.get("step_time")]

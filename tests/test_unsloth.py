@@ -56,9 +56,10 @@ SCRIPTS = {"chat": "<start_working_out>3 + 4 = 7<end_working_out><SOLUTION>7</SO
 REWARDS = {"chat": "format_exact_reward,format_approx_reward", "xml": "correctness_reward,stop_tag_bonus"}
 
 
-# Colab's T4 in both prompt styles, and an Ampere card; the stop tag does not depend on the card. Each
-# --compile value once: it reaches Unsloth before the import, and step 1's line says which is in effect.
-@pytest.mark.parametrize("gpu, style, compile", [("t4", "chat", "on"), ("t4", "xml", "off"), ("ampere", "chat", "auto")])
+# Colab's T4 and an Ampere card, in the two prompt styles (neither the stop tag nor the chat answer
+# depends on the card), and --compile on and auto (off, for 2 steps): it reaches Unsloth before the
+# import, and step 1's line says which is in effect.
+@pytest.mark.parametrize("gpu, style, compile", [("t4", "xml", "on"), ("ampere", "chat", "auto")])
 def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style, compile):
     """train_synthetic.py's main on the unsloth backend: the kit's trainer subclasses the generated
     UnslothGRPOTrainer, Unsloth accepts the kit's precision for the card (on a T4 an fp16 model and
