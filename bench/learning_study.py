@@ -1,6 +1,6 @@
 """Learning study: does GRPO with this kit make a model better, and do four agents beat one? (a benchmark)
 
-A grid of training runs, arms x seeds, each train_synthetic.main with a run folder of its own:
+A grid of training runs, arms x seeds, each train_synthetic.py in a process and a run folder of its own:
 
   agents-4   the four core agents, one drawn per question (--agents core --agent-sampling random)
   agents-1   the first of them only (--agents 1)
@@ -35,6 +35,7 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -59,6 +60,7 @@ RECIPE = [
 ARMS = {"agents-4": ["--agents", "core", "--agent-sampling", "random"], "agents-1": ["--agents", "1"]}
 SCORING_AGENTS = "core"  # every run is scored by these; the first is agents-1's
 HELD_OUT_SEED = 2718
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--output-dir", default="bench/learning-study", help="the study folder; a second call continues it")
@@ -170,8 +172,6 @@ def score(study, adapter=None):
 
 def run_one(study, arm, seed):
     """Train (or continue) one run, score its adapter, and write results/RUN.json."""
-    import train_synthetic
-
     name = f"{arm}-seed{seed}"
     folder = os.path.join(args.output_dir, "runs", name)
     flags = ["--model-name", study["model_name"], *RECIPE, *ARMS[arm], "--max-steps", str(study["max_steps"]),
@@ -180,11 +180,16 @@ def run_one(study, arm, seed):
     resume = os.path.isdir(folder) and bool(os.listdir(folder))
     print(f"\n== {name}: python train_synthetic.py {' '.join(flags)}{' --resume' * resume}", flush=True)
     start = time.time()
-    train_synthetic.main(flags + ["--resume"] * resume)
+    # A process of its own: the run's memory and threads (vLLM's among them) end with it.
+    command = [sys.executable, os.path.join(ROOT, "train_synthetic.py"), *flags, *["--resume"] * resume]
+    with subprocess.Popen(command) as run:
+        while (code := wait(run)) is None:  # Ctrl-C reached the run too: it stops after its step, with a checkpoint
+            pass
     train_seconds = time.time() - start
     config = runs.read_config(folder)
-    if config.get("finished_step") != study["max_steps"]:  # a stop ends the study with it; this is a guard
-        fail(f"{name} did not train to step {study['max_steps']}; its folder {folder} says where it stopped")
+    if code or config.get("finished_step") != study["max_steps"]:  # stopped (Ctrl-C, SIGTERM) or failed
+        fail(f"{name} did not train to step {study['max_steps']} (exit {code}; its output above says why); the "
+             "next call continues it from its last checkpoint")
     stats = load_json(os.path.join(folder, runs.STATS_FILE))
     after = score(study, folder)
     steps = [e["step_time"] for e in stats if e.get("step_time")]
@@ -201,6 +206,14 @@ def run_one(study, arm, seed):
               "after": after}
     runs.write_json_atomic(os.path.join(args.output_dir, "results", name + ".json"), result)
     print(f"{name}: trained in {train_seconds:.0f} s, scored in {after['seconds']:.0f} s", flush=True)
+
+
+def wait(process):
+    """The process's exit code, or None when Ctrl-C interrupted the wait."""
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        return None
 
 
 # ---------------------------------------------------------------------------- the report
@@ -310,12 +323,15 @@ if args.show:
 
 study, seeds, arms = settings()
 t0 = time.time()
-if not os.path.exists(os.path.join(args.output_dir, "base.json")):
-    print(f"scoring the base model on {len(study['held_out'])} held-out problems ({engine})", flush=True)
-    runs.write_json_atomic(os.path.join(args.output_dir, "base.json"), score(study))
-for seed in seeds:  # both arms of a seed before the next seed: the arms' difference needs pairs
-    for arm in arms:
-        if not os.path.exists(os.path.join(args.output_dir, "results", f"{arm}-seed{seed}.json")):
-            run_one(study, arm, seed)
+try:
+    if not os.path.exists(os.path.join(args.output_dir, "base.json")):
+        print(f"scoring the base model on {len(study['held_out'])} held-out problems ({engine})", flush=True)
+        runs.write_json_atomic(os.path.join(args.output_dir, "base.json"), score(study))
+    for seed in seeds:  # both arms of a seed before the next seed: the arms' difference needs pairs
+        for arm in arms:
+            if not os.path.exists(os.path.join(args.output_dir, "results", f"{arm}-seed{seed}.json")):
+                run_one(study, arm, seed)
+except KeyboardInterrupt:
+    fail("stopped by Ctrl-C; the next call continues where this one stopped")
 print(f"\nthis call: {time.time() - t0:.0f} s")
 report(args.output_dir)
