@@ -226,6 +226,10 @@ def fmt_diff(d):
     return f"{100 * d['difference']:+5.1f} [{100 * d['low']:+5.1f}, {100 * d['high']:+5.1f}]"
 
 
+def n_seeds(n):
+    return f"{n} seed{'s' * (n != 1)}"
+
+
 def pct(outcomes):
     k, n = sum(outcomes), len(outcomes)
     low, high = intervals.wilson(k, n)
@@ -262,13 +266,13 @@ def report(folder):
             pairs = [(base[key], r["after"][key]) for (a, _), r in sorted(results.items()) if a == arm]
             if pairs:
                 d = intervals.pooled_difference(pairs)
-                print(f"{'pooled ' + arm:<18}{'':>20}{fmt_diff(d):>26}   ({d['seeds']} seeds; detectable "
+                print(f"{'pooled ' + arm:<18}{'':>20}{fmt_diff(d):>26}   ({n_seeds(d['seeds'])}; detectable "
                       f"{100 * intervals.detectable_difference(d['se']):.1f} points)")
         both = sorted(s for s in study["seeds"] if all((a, s) in results for a in ARMS))
         if both:
             one, four = ([results[arm, s]["after"][key] for s in both] for arm in ("agents-1", "agents-4"))
             d = intervals.pooled_difference(list(zip(one, four)))
-            print(f"{'agents-4 - agents-1':<38}{fmt_diff(d):>26}   ({len(both)} seeds; detectable "
+            print(f"{'agents-4 - agents-1':<38}{fmt_diff(d):>26}   ({n_seeds(len(both))}; detectable "
                   f"{100 * intervals.detectable_difference(d['se']):.1f} points)")
     print(f"\n{'run':<18}{'train s':>9}{'steps s':>9}{'s/step':>8}{'vLLM':>6}{'score s':>9}  its own held-out "
           "accuracy during training")
@@ -282,7 +286,7 @@ def report(folder):
               "training had ended)")
     seconds = base["seconds"] + sum(r["train_seconds"] + r["after"]["seconds"] for r in results.values())
     missing = [f"{a}-seed{s}" for s in study["seeds"] for a in study["arms"] if (a, s) not in results]
-    print(f"\n{len(results)} runs, {seconds / 60:.0f} min of training and scoring"
+    print(f"\n{len(results)} run{'s' * (len(results) != 1)}, {seconds / 60:.0f} min of training and scoring"
           + (f"; not done yet: {', '.join(missing)}" if missing else ""))
     if results:
         plot(folder, base, results)
@@ -297,14 +301,16 @@ def plot(folder, base, results):
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1, 2]})
     colors = {"agents-4": "tab:blue", "agents-1": "tab:orange"}
+    lines = dict(zip(sorted({seed for _, seed in results}), ["-", "--", ":", "-."] * 10))  # one per seed
     before = sum(base["first_correct"]) / len(base["first_correct"])
     for (arm, seed), r in sorted(results.items()):
         after = sum(r["after"]["first_correct"]) / len(r["after"]["first_correct"])
-        left.plot([0, 1], [before, after], "o-", color=colors[arm], alpha=0.8, label=f"{arm} seed {seed}")
+        left.plot([0, 1], [before, after], "o", ls=lines[seed], color=colors[arm], alpha=0.8)
         trained = [e for e in r["steps"] if e.get("reward") is not None]
         rewards = [e["reward"] for e in trained]
         smooth = [statistics.mean(rewards[max(0, i - 4) : i + 1]) for i in range(len(rewards))]
-        right.plot([e["step"] for e in trained], smooth, color=colors[arm], alpha=0.8, label=f"{arm} seed {seed}")
+        right.plot([e["step"] for e in trained], smooth, ls=lines[seed], color=colors[arm], alpha=0.8,
+                   label=f"{arm} seed {seed}")
     left.set(xticks=[0, 1], xticklabels=["base", "trained"], ylabel="held-out accuracy (first agent, greedy)",
              xlim=(-0.2, 1.2), title="before and after")
     right.set(xlabel="step", ylabel="mean reward (5-step moving average)", title="training reward")
