@@ -188,8 +188,8 @@ def run_one(study, arm, seed):
     train_seconds = time.time() - start
     config = runs.read_config(folder)
     if code or config.get("finished_step") != study["max_steps"]:  # stopped (Ctrl-C, SIGTERM) or failed
-        fail(f"{name} did not train to step {study['max_steps']} (exit {code}; its output above says why); the "
-             "next call continues it from its last checkpoint")
+        fail(f"{name} did not train to step {study['max_steps']} (exit {code}; its output above says why); the next "
+             "call continues it from its last checkpoint, or from the start if it has none")
     stats = load_json(os.path.join(folder, runs.STATS_FILE))
     after = score(study, folder)
     steps = [e["step_time"] for e in stats if e.get("step_time")]
