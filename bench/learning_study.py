@@ -183,8 +183,7 @@ def run_one(study, arm, seed):
     # A process of its own: the run's memory and threads (vLLM's among them) end with it.
     command = [sys.executable, os.path.join(ROOT, "train_synthetic.py"), *flags, *["--resume"] * resume]
     with subprocess.Popen(command) as run:
-        while (code := wait(run)) is None:  # Ctrl-C reached the run too: it stops after its step, with a checkpoint
-            pass
+        code = wait(run)
     train_seconds = time.time() - start
     config = runs.read_config(folder)
     if code or config.get("finished_step") != study["max_steps"]:  # stopped (Ctrl-C, SIGTERM) or failed
@@ -209,11 +208,13 @@ def run_one(study, arm, seed):
 
 
 def wait(process):
-    """The process's exit code, or None when Ctrl-C interrupted the wait."""
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        return None
+    """The process's exit code. Ctrl-C reaches the run too, which stops after its step with a
+    checkpoint: so the wait goes on until it has."""
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 # ---------------------------------------------------------------------------- the report
