@@ -105,6 +105,7 @@ def settings():
     fixed = {"model_name": args.model_name, "recipe": RECIPE, "max_steps": args.max_steps,
              "max_examples": args.max_examples, "eval_examples": args.eval_examples, "held_out_seed": HELD_OUT_SEED}
     path = os.path.join(args.output_dir, "study.json")
+    trained_on = set().union(*(training_questions(s) for s in seeds))
     if os.path.exists(path):
         study = load_json(path)
         changed = [k for k in fixed if study[k] != fixed[k]] + ["held_out"] * (len(study["held_out"]) != args.held_out)
@@ -113,8 +114,7 @@ def settings():
                  "continue it with the same flags, or pass a new --output-dir")
     else:
         study = fixed | {"command": "python -m bench.learning_study " + " ".join(sys.argv[1:]),
-                         "held_out": held_out_problems(seeds)}
-    trained_on = set().union(*(training_questions(s) for s in seeds))
+                         "held_out": held_out_problems(trained_on)}
     if overlap := [r for r in study["held_out"] if r["question"] in trained_on]:
         fail(f"{len(overlap)} held-out problems are among the training problems of --seeds {args.seeds}; "
              "choose other seeds, or a new --output-dir")
@@ -129,9 +129,9 @@ def training_questions(seed):
     return set(synthetic_problems(args.max_examples, "easy", seed=seed)["question"])
 
 
-def held_out_problems(seeds):
-    """--held-out easy problems from HELD_OUT_SEED, none twice and none that a seed trains on."""
-    seen = set().union(*(training_questions(s) for s in seeds))
+def held_out_problems(trained_on):
+    """--held-out easy problems from HELD_OUT_SEED, none twice and none in ``trained_on``."""
+    seen = set(trained_on)
     chosen = []
     for r in synthetic_problems(4 * args.held_out + 100, "easy", seed=HELD_OUT_SEED):
         if r["question"] not in seen:
