@@ -7,6 +7,7 @@ requirements-unsloth-cpu.txt with --no-deps.
 The kit's models.load_unsloth(folder, fast_inference=True) loads the tiny model from a folder, and
 Unsloth starts a real vLLM engine on its weights, in fp16 as on a T4. With nothing more stood in,
 RESULT.json then records:
+  cpu         whether this CPU has AMX and AVX-512 BF16, which decide vLLM's CPU kernels (stand-in 6)
   load        whether load_unsloth says vLLM generates, the engine's type, the model's dtype, and
               whether the 4-bit load that load_unsloth asks for was kept
   generation  model.fast_generate with the kit's vllm_sampling_params (grpo_trainer.generation_args,
@@ -34,6 +35,13 @@ The stand-ins, the complete list (paths under site-packages), each because it ca
      unsloth.models.llama.get_current_device (the rotary cache, llama.py:2408) and
      unsloth_zoo.vllm_utils.get_target_device (the model built on vLLM's weights, vllm_utils.py:1942)
      place tensors on a CUDA device; both answer the CPU.
+  6. vLLM's CPU GEMM dispatch (vllm/model_executor/layers/utils.py, dispatch_cpu_unquantized_gemm)
+     chooses a kernel by instruction set. Where the CPU has AVX-512 and AMX (Intel Xeon), fp16 linear
+     layers go to oneDNN, which packs the weight into a handle and leaves the layer an empty one, so
+     Unsloth's model built on vLLM's weights fails (unsloth_zoo/vllm_utils.py:2145, IndexError on
+     weight.shape[1]). On AVX2 (AMD EPYC) oneDNN declines fp16 and the weight stays. A GPU keeps it
+     always (torch.nn.functional.linear on layer.weight), so every CPU here is given that path, the
+     dispatch's own fallback. RESULT.json records the instruction sets seen ("cpu").
 models.prepare_vllm() sets VLLM_CPU_KVCACHE_SPACE, as it does for the trl backend's vLLM on a CPU.
 
 Not run: the 4-bit load, which Unsloth drops here. bitsandbytes' CPU library lacks the 4-bit CUDA
@@ -82,6 +90,19 @@ def stand_in_cuda():
     vllm_utils.get_target_device = lambda index=0: torch.device("cpu")
 
 
+def stand_in_gemm():
+    """Stand-in 6: vLLM's linear layers keep their weights and multiply with torch, as on a GPU. What
+    this CPU would have chosen goes into RESULT.json."""
+    import torch
+    import vllm.model_executor.layers.utils as vllm_layers
+
+    def dispatch_as_on_a_gpu(layer, remove_weight):
+        layer.cpu_linear = torch.nn.functional.linear
+
+    vllm_layers.dispatch_cpu_unquantized_gemm = dispatch_as_on_a_gpu  # looked up at each call
+    return {"amx": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()}
+
+
 def load(folder):
     """The tiny model saved to ``folder``/base, loaded by the kit's load_unsloth with vLLM: (model,
     tokenizer, the base folder, what the load did)."""
@@ -102,9 +123,10 @@ def load(folder):
     tokenizer.save_pretrained(base)
     simulate_gpu("t4")
     stand_in_cuda()
+    cpu = stand_in_gemm()
     model, tokenizer, vllm = models.load_unsloth(base, max_seq_length=256, lora_rank=4, fast_inference=True)
     engine = type(model.vllm_engine)
-    return model, tokenizer, base, {
+    return model, tokenizer, base, cpu, {
         "vllm": vllm, "engine": f"{engine.__module__}.{engine.__name__}", "dtype": str(model.dtype),
         "load_in_4bit_kept": any(isinstance(m, bitsandbytes.nn.Linear4bit) for m in model.modules())}
 
@@ -203,9 +225,9 @@ def run(folder):
 
     from agents import get_agents, xml_prompt
 
-    model, tokenizer, base, loaded = load(folder)
+    model, tokenizer, base, cpu, loaded = load(folder)
     prompts = [xml_prompt(instruction, "What is 3 + 4?") for instruction in list(get_agents("core").values())[:2]]
-    result = {"load": loaded, "generation": generation(model, tokenizer, prompts),
+    result = {"cpu": cpu, "load": loaded, "generation": generation(model, tokenizer, prompts),
               "lora": lora(model, prompts, base, folder)}
     result["training"], error = grpo_step(model, tokenizer, prompts, folder)
     result["blocked"] = [error] if error else []
