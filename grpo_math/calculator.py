@@ -4,13 +4,17 @@ It reads numbers and + - * / // % ( ) ** with exact fractions (0.1 + 0.2 is 0.3)
 writes: 1,234 (thousands, in groups of three), 12.5% (0.125) and $30 (30). It never executes model
 output: the text is parsed with ast.parse and only numbers and those operators are walked; names, calls,
 attributes, strings, comparisons and everything else are refused, as is any non-ASCII character.
+Because the text is read as Python, Python's other ways of writing a number work too: 0x10 (16), 0o17
+(15), 0b101 (5), 1_000 (1000; also 1_0.5, which is 10.5), a comment (1 + 2 # apples is 3), and a line
+break inside brackets or after a backslash.
 
 Limits, so that every call returns in well under a millisecond whatever the model writes:
     MAX_LENGTH    characters, checked before anything is parsed
     MAX_DEPTH     nesting of the parsed expression
     MAX_VALUE     every intermediate numerator and denominator, so no number ever grows past 1e30
     MAX_EXPONENT  powers: whole exponents up to 64, and only when the result stays within MAX_VALUE
-    TIME_LIMIT    a deadline checked as the walk goes (the limits above already bound the time)
+    TIME_LIMIT    a deadline checked at every node of the walk, in this thread's CPU time, so that a
+                  busy machine does not refuse a valid expression (the limits above already bound it)
 
 It never raises: a refusal or a mistake comes back as a short string starting with "error: ", which
 the model reads as the tool's answer and can correct. A result is an integer ("42"), or a decimal
@@ -38,12 +42,14 @@ MAX_LENGTH = 200  # characters; a megabyte of digits or 10,000 parentheses never
 MAX_DEPTH = 100  # a left-leaning sum 1+1+...+1 of 100 terms fits in MAX_LENGTH and is 100 deep
 MAX_VALUE = 10**30  # bound on |numerator| and on denominator of every number, literals included
 MAX_EXPONENT = 64  # |exponent| of **, and of the e in 1e30
-TIME_LIMIT = 0.1  # seconds
+TIME_LIMIT = 0.1  # seconds of CPU time
 DECIMALS = 6  # places a non-integer result is rounded to
 OPERATORS = "use numbers and + - * / // % ( ) **"
+clock = time.thread_time  # CPU time of this thread: other threads and processes do not count
 
 REFUSED = {ast.Call: "function calls are", ast.Attribute: "attributes are", ast.Compare: "comparisons are",
-           ast.BoolOp: "and/or are", ast.IfExp: "if/else is", ast.Subscript: "indexing is"}
+           ast.BoolOp: "and/or are", ast.IfExp: "if/else is", ast.Subscript: "indexing is",
+           ast.List: "lists are", ast.JoinedStr: "f-strings are", ast.NamedExpr: "assignments (:=) are"}
 SYMBOLS = {ast.LShift: "<<", ast.RShift: ">>", ast.BitOr: "|", ast.BitAnd: "&", ast.MatMult: "@",
            ast.Invert: "~", ast.Not: "not"}
 # 1,234 and 1,234,567.5: proper groups of three after 1 to 3 digits; any other comma is refused.
@@ -68,6 +74,8 @@ def calculator(expression: str) -> str:
     """
     try:
         if isinstance(expression, (int, float)) and not isinstance(expression, bool):
+            if isinstance(expression, int) and abs(expression) > MAX_VALUE:  # str() refuses 4,300+ digits
+                raise Refused("a number is too large: the calculator works up to 1e30")
             expression = str(expression)  # {"expression": 42} is a number, not a mistake
         return format_number(evaluate(expression))
     except Refused as e:
@@ -101,13 +109,13 @@ def evaluate(expression):
             tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError):
         raise Refused(f"not a valid arithmetic expression; {OPERATORS}") from None
-    return walk(tree.body, text, 1, time.perf_counter() + TIME_LIMIT)
+    return walk(tree.body, text, 1, clock() + TIME_LIMIT)
 
 
 def walk(node, text, depth, deadline):
     if depth > MAX_DEPTH:
         raise Refused(f"the expression is nested more than {MAX_DEPTH} deep")
-    if time.perf_counter() > deadline:
+    if clock() > deadline:
         raise Refused(f"the expression took longer than {TIME_LIMIT} s")
     if isinstance(node, ast.Constant):
         return checked(literal(node, text))

@@ -9,7 +9,6 @@ by side, each process on one thread, to keep CI short.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,23 +25,22 @@ SMOKE = ["--smoke", "--max-steps", "3", "--num-generations", "4", "--batch-size"
 STEP_LINE = "step    {}/{} | reward"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Each launcher's rendezvous binds port 0 on 127.0.0.1, so the kernel picks a free port as it binds: no
+# number is chosen first and handed on later, when a launch beside it may have taken it.
+RENDEZVOUS = ["--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"]
 
 
 def torchrun(*args):
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), *args]
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", *RENDEZVOUS, *args]
 
 
 def accelerate_launch(*args):
     # --multi_gpu is how a GPU user asks for several processes; on a machine without CUDA they train on
-    # the CPU over gloo. (accelerate's --cpu flag starts one process unless MPI is set up.)
+    # the CPU over gloo. (accelerate's --cpu flag starts one process unless MPI is set up.) With the c10d
+    # rendezvous, accelerate makes 127.0.0.1:0 its endpoint, as above.
     return [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
-            "--main_process_port", str(free_port()), *args]
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--rdzv_backend", "c10d",
+            "--main_process_ip", "127.0.0.1", "--main_process_port", "0", *args]
 
 
 class Launch:

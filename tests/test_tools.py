@@ -30,9 +30,10 @@ def qwen_tokenizer():
     return tokenizer
 
 
-def scripted_model(tokenizer, expression, answer_digits):
+def scripted_model(tokenizer, expression, answer_digits, keep_calling=False):
     """The tiny model, made to write a calculator call of ``expression`` after a prompt, and after a
-    tool's result "<SOLUTION>N</SOLUTION>", N's last digit sampled among ``answer_digits`` (equal odds)."""
+    tool's result "<SOLUTION>N</SOLUTION>", N's last digit sampled among ``answer_digits`` (equal odds).
+    With ``keep_calling`` it calls again after every result, and never answers."""
     model, _ = offline.tiny_model_and_tokenizer(tokenizer=tokenizer)
     call = tokenizer(f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}\n'
                      "</tool_call><|im_end|>", add_special_tokens=False)["input_ids"]
@@ -47,7 +48,8 @@ def scripted_model(tokenizer, expression, answer_digits):
     def count(module, args):  # a prompt (several tokens) picks each row's script; each decode step advances it
         ids = args[0]
         if ids.shape[1] > 1:
-            state["scripts"] = [answer if (row == result_open).any() else [[t] for t in call] for row in ids]
+            state["scripts"] = [answer if (row == result_open).any() and not keep_calling else [[t] for t in call]
+                                for row in ids]
             state["step"] = 0
         else:
             state["step"] += 1
@@ -128,9 +130,10 @@ def test_a_calculator_error_is_a_failed_call_the_model_reads(tmp_path):
     assert all(c[1]["content"] == "error: division by zero" for c in trainer.tool_completions)
 
 
-def test_the_evaluation_runs_the_same_tool_loop(tmp_path):
+def test_the_evaluation_answers_through_the_calculator(tmp_path):
     """evaluate() with tools: the same scripted model, greedy, answers through the calculator, beside its
-    answers without it; each answer keeps its calls, and eval.md shows both."""
+    answers without it; each answer keeps its calls, and eval.md shows both. The loop is the kit's own
+    (tools.answer_with_tools, written to follow TRL's), not TRL's, which the tests above run."""
     tokenizer = tools.check_tokenizer(qwen_tokenizer(), "Qwen2.5 (test)")
     model = scripted_model(tokenizer, "6*7", "2")
     agents = {"calc": "Use the calculator."}
@@ -170,13 +173,16 @@ def test_evaluate_py_with_tools_writes_both_columns(tmp_path):
     assert "| calc_every_step |" in (out / "eval.md").read_text()
 
 
-def test_the_round_limit_ends_the_answer_at_its_last_call():
-    """--max-tool-calls 1 on a model that would call again: the second call is not run."""
+@pytest.mark.parametrize("limit", [1, 2])
+def test_the_call_limit_stops_a_model_that_keeps_calling(limit):
+    """--max-tool-calls N on a model that calls after every result: N calls are run, and the answer ends
+    at the call past the limit, which is not run. 400 tokens hold 4 rounds, so only the limit stops it."""
     tokenizer = tools.check_tokenizer(qwen_tokenizer(), "Qwen2.5 (test)")
-    model = scripted_model(tokenizer, "6*7", "2")
+    model = scripted_model(tokenizer, "6*7", "2", keep_calling=True)
     prompt = chat_prompt("Use the calculator.", QUESTION["question"])
-    [(text, written, calls)] = tools.answer_with_tools(model, tokenizer, [prompt], [calculator], 96, max_calls=1)
-    assert len(calls) == 1 and text == "<SOLUTION>42</SOLUTION>" and written > 0
+    [(text, written, calls)] = tools.answer_with_tools(model, tokenizer, [prompt], [calculator], 400, max_calls=limit)
+    assert calls == [{"name": "calculator", "arguments": {"expression": "6*7"}, "result": "42"}] * limit
+    assert text == "" and written > 0  # the last message is the call past the limit: no answer text
 
 
 def write_model_without_tools(path):

@@ -80,8 +80,7 @@ def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style, compile):
     assert "compile" not in next(line for line in stdout.splitlines() if line.startswith("step    2/2 | reward"))
     assert result["trainer_bases"] == ["KitGRPOTrainer", "UnslothGRPOTrainer"]
 
-    half = "bfloat16" if gpu == "ampere" else "float16"
-    assert result["model_dtype"] == f"torch.{half}"
+    half = "bfloat16" if gpu == "ampere" else "float16"  # the dtype the kit asks Unsloth to load in (below)
     # LoRA trains in fp32 on both cards: Unsloth's trainer drops TRL's bf16 cast of a 4-bit model's
     # LoRA, which fp16's GradScaler could not unscale (and the kit's trainer would undo on a T4).
     assert result["trainable_dtypes"] == ["torch.float32"]
@@ -165,6 +164,10 @@ def test_the_training_checks_catch_a_loss_cut_from_the_model(tmp_path):
     assert lora["b_moved"] == lora["a_moved"] == lora["saved_differs_from_start"] == 0 and lora["b_tensors"] > 0
 
 
+UNSLOTH_ONLY = {"push_to_hub_token", "unsloth_grpo_mini_batch", "unsloth_logit_chunk_multiplier", "unsloth_num_chunks",
+                "vllm_sampling_params"}
+
+
 def test_unsloths_config_trains_the_kits_recipe(checks):
     """The kit's GRPOConfig arguments give the same config under Unsloth's patch as under plain trl,
     except where a field cannot change what is trained. Unsloth's own defaults differ (weight decay
@@ -172,15 +175,24 @@ def test_unsloths_config_trains_the_kits_recipe(checks):
     unsloth_cfg = checks[0]["config"]
     s = settings.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", "--output-dir", unsloth_cfg["output_dir"]],
                                 train_gsm8k.add_args)
-    trl_cfg = train_gsm8k.grpo_config(s, "unsloth", models.tiny_model_and_tokenizer()[1]).to_dict()
+    trl_cfg = json.loads(train_gsm8k.grpo_config(s, "unsloth", models.tiny_model_and_tokenizer()[1]).to_json_string())
+    # Every field, lists and dicts included (generation_kwargs, reward_weights, lr_scheduler_kwargs), as
+    # each config's own JSON writes it; and the fields only one side has.
+    assert set(unsloth_cfg) - set(trl_cfg) == UNSLOTH_ONLY and not set(trl_cfg) - set(unsloth_cfg)
     may_differ = {
         "per_device_eval_batch_size", "eval_accumulation_steps",  # evaluation through the trainer, which the kit never runs
         "logging_nan_inf_filter",  # what is logged, not trained
         "router_aux_loss_coef",  # mixture-of-experts models only
         "vllm_importance_sampling_correction",  # only when vLLM generates, which the trl backend never does
     }
-    differ = {k: (trl_cfg[k], v) for k, v in unsloth_cfg.items() if k in trl_cfg and trl_cfg[k] != v}
+    differ = {k: (trl_cfg[k], unsloth_cfg[k]) for k in trl_cfg if trl_cfg[k] != unsloth_cfg[k]}
+    # Unsloth writes {} for None; TRL's trainer adds nothing from either (grpo_trainer.py, "if
+    # args.generation_kwargs is not None: generation_kwargs.update(...)").
+    assert differ.pop("generation_kwargs", None) in (None, (None, {}))
     assert set(differ) <= may_differ, differ
+    assert {k: unsloth_cfg[k] for k in UNSLOTH_ONLY} == {  # Unsloth's own fields, at their defaults
+        "push_to_hub_token": None, "unsloth_grpo_mini_batch": None, "unsloth_logit_chunk_multiplier": None,
+        "unsloth_num_chunks": -1, "vllm_sampling_params": None}
     assert unsloth_cfg["weight_decay"] == 0.0 and unsloth_cfg["torch_empty_cache_steps"] is None
 
 

