@@ -91,8 +91,8 @@ def stand_in_cuda():
 
 
 def stand_in_gemm():
-    """Stand-in 6: vLLM's linear layers keep their weights and multiply with torch, as on a GPU. What
-    this CPU would have chosen goes into RESULT.json."""
+    """Stand-in 6: vLLM's linear layers keep their weights and multiply with torch, as on a GPU. Returns
+    the CPU's AMX and AVX-512 BF16 flags, which decide the kernel vLLM would have chosen, for RESULT.json."""
     import torch
     import vllm.model_executor.layers.utils as vllm_layers
 
