@@ -223,3 +223,36 @@ def load_questions(dataset, split, n, calibration_n, seed):
                          f"--calibration-n {calibration_n} needs {n + calibration_n}; lower one of them")
     random.Random(seed).shuffle(rows)
     return rows[:n], rows[n : n + calibration_n]
+
+
+def split_held_out(rows, n_report, n_select, exclude=()):
+    """(report, select, rest): the first ``n_report`` questions of ``rows`` for the figure reported after
+    training, the next ``n_select`` for selecting the adapter kept during training (grpo_math/best.py),
+    and the rows left to train on. No question is in two of them (a repeated question goes to the first
+    part that takes it, and is dropped from the others); questions in ``exclude`` are held out of
+    neither report nor select."""
+    held, taken = [], set(exclude)
+    for row in rows:
+        if len(held) == n_report + n_select:
+            break
+        if row["question"] not in taken:
+            held.append(row)
+            taken.add(row["question"])
+    held_questions = {row["question"] for row in held}
+    rest = [row for row in rows if row["question"] not in held_questions]
+    report, select = held[:n_report], held[n_report:]
+    return report, select, rest
+
+
+def synthetic_held_out(n_report, n_select, difficulty, seed, train_questions):
+    """(report, select): generated problems of ``seed`` for the two held-out sets, none of them among
+    ``train_questions`` nor in both (easy ones repeat: a one-step problem has few variants)."""
+    if not n_report + n_select:
+        return [], []
+    n = 2 * (n_report + n_select) + 50
+    report, select, _ = split_held_out(synthetic_problems(n, difficulty, seed=seed).to_list(), n_report, n_select,
+                                       exclude=set(train_questions))
+    if len(report) + len(select) < n_report + n_select:
+        raise ValueError(f"only {len(report) + len(select)} generated {difficulty} problems differ from the training "
+                         f"ones; lower --eval-examples ({n_report}) or --select-examples ({n_select})")
+    return report, select

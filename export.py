@@ -64,8 +64,9 @@ def _refuse_existing(path, overwrite):
         raise SystemExit(f"{path} already holds an export; pass --overwrite to replace it")
 
 
-def save_merged(model, tokenizer, run_dir, backend, model_name):
-    """RUN/merged: the base model with the adapter merged in, in 16-bit. Returns its path."""
+def save_merged(model, tokenizer, run_dir, backend, model_name, adapter_dir=None):
+    """RUN/merged: the base model with the adapter merged in, in 16-bit. Returns its path. ``adapter_dir``:
+    where ``model``'s adapter is saved (RUN/best/ for a kept one; default RUN)."""
     from grpo_math import models
 
     out = os.path.join(run_dir, MERGED_DIR)
@@ -75,7 +76,7 @@ def save_merged(model, tokenizer, run_dir, backend, model_name):
     base = model
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model.base_model, "is_loaded_in_4bit", False):
         base, _ = models.load_pretrained(model_name, quantize=False)  # a 4-bit base cannot be merged into
-        base = models.load_adapter(base, run_dir)
+        base = models.load_adapter(base, adapter_dir or run_dir)
     base.merge_and_unload().save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -105,21 +106,33 @@ def save_gguf(model, tokenizer, run_dir, quantization):
     return paths
 
 
-def retry_command(run_dir, merged=False, gguf=None):
-    return f"python export.py {run_dir}" + (" --merged" if merged else "") + (f" --gguf {gguf}" if gguf else "")
+def retry_command(run_dir, merged=False, gguf=None, checkpoint="best"):
+    return (f"python export.py {run_dir}" + (" --merged" if merged else "") + (f" --gguf {gguf}" if gguf else "")
+            + (" --checkpoint last" if checkpoint == "last" else ""))
 
 
-def export_run(model, tokenizer, run_dir, backend, model_name, merged=False, gguf=None):
-    """Every export asked for; a failure is reported with how to retry, and the next one still runs.
-    Returns the flags that failed."""
+def export_run(model, tokenizer, run_dir, backend, model_name, merged=False, gguf=None, kept=None,
+               checkpoint="best"):
+    """Every export asked for, of ``model``: the kept adapter (``kept``, best.json's record) where the run
+    selected one, else the last. A failure is reported with how to retry, and the next one still runs.
+    Returns the flags that failed. When the base model was kept, there is nothing trained to export."""
+    from grpo_math import best
+
+    if (merged or gguf) and kept is not None and not kept["adapter"] and checkpoint == "best":
+        print(f"no export: no step beat the base model on the held-out questions, so the run kept the base model "
+              f"and has no trained weights to merge. {retry_command(run_dir, merged, gguf, 'last')} exports the "
+              "last adapter")
+        return []
+    adapter_dir = os.path.join(run_dir, best.BEST_DIR) if kept is not None and kept["adapter"] and \
+        checkpoint == "best" else run_dir
     failed = []
     if merged:
         try:
-            print(f"merged 16-bit model: {save_merged(model, tokenizer, run_dir, backend, model_name)}")
+            print(f"merged 16-bit model: {save_merged(model, tokenizer, run_dir, backend, model_name, adapter_dir)}")
         except Exception as e:
             failed.append("--save-merged")
             print(f"--save-merged failed ({type(e).__name__}: {e}). Nothing else was lost: the adapter, stats, plot "
-                  f"and evaluation are in {run_dir}. Try again with: {retry_command(run_dir, merged=True)}")
+                  f"and evaluation are in {run_dir}. Try again with: {retry_command(run_dir, merged=True, checkpoint=checkpoint)}")
     if gguf:
         try:
             for path in save_gguf(model, tokenizer, run_dir, gguf):
@@ -127,21 +140,23 @@ def export_run(model, tokenizer, run_dir, backend, model_name, merged=False, ggu
         except Exception as e:
             failed.append("--save-gguf")
             print(f"--save-gguf failed ({type(e).__name__}: {e}). Nothing else was lost: the adapter, stats, plot "
-                  f"and evaluation are in {run_dir}. Try again with: {retry_command(run_dir, gguf=gguf)}")
+                  f"and evaluation are in {run_dir}. Try again with: {retry_command(run_dir, gguf=gguf, checkpoint=checkpoint)}")
     return failed
 
 
-def load_run(run_dir, backend, model_name):
-    """The trained model of a run folder: its base ``model_name`` with the saved adapter."""
+def load_run(run_dir, backend, model_name, adapter_dir=None):
+    """The trained model of a run folder: its base ``model_name`` with the adapter saved in ``adapter_dir``
+    (RUN/best/ for the kept one; default RUN, the last)."""
     from grpo_math import models
 
+    adapter_dir = adapter_dir or run_dir
     if backend == "unsloth":
         from unsloth import FastLanguageModel
 
-        return FastLanguageModel.from_pretrained(run_dir, load_in_4bit=True)  # base + adapter
+        return FastLanguageModel.from_pretrained(adapter_dir, load_in_4bit=True)  # base + adapter
     base = os.path.join(run_dir, "base-model") if model_name == "tiny" else model_name
     model, tokenizer = models.load_pretrained(base)
-    return models.load_adapter(model, run_dir), tokenizer
+    return models.load_adapter(model, adapter_dir), tokenizer
 
 
 def main(argv=None):
@@ -152,6 +167,9 @@ def main(argv=None):
     p.add_argument("--gguf", metavar="QUANT", help=f"write RUN/{GGUF_DIR}/*.gguf in this quantization, e.g. q4_k_m")
     p.add_argument("--backend", choices=["auto", "unsloth", "trl"], default="auto",
                    help="unsloth (needed for --gguf) or trl; auto takes the run's own")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="best: the adapter the run kept in RUN/best/ (the best on its held-out selection questions; "
+                        "README, 'Which adapter you get'), or the last where it kept none; last: the last step's")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     args = p.parse_args(argv)
     if not (args.merged or args.gguf):
@@ -173,8 +191,16 @@ def main(argv=None):
     requested = config.get("backend", "trl") if args.backend == "auto" else args.backend
     backend, reason = ("trl", "--smoke run") if model_name == "tiny" else models.choose_backend(requested)
     check_exports(model_name, args.merged, args.gguf, backend, reason)
-    model, tokenizer = load_run(args.run_dir, backend, model_name)
-    if export_run(model, tokenizer, args.run_dir, backend, model_name, args.merged, args.gguf):
+    from grpo_math import best
+
+    adapter_dir, which = best.adapter_to_load(args.run_dir, args.checkpoint)
+    print(which)
+    if adapter_dir is None:
+        raise SystemExit("nothing to export: the run kept the base model, so it has no trained weights to merge; "
+                         f"{retry_command(args.run_dir, args.merged, args.gguf, 'last')} exports the last adapter")
+    model, tokenizer = load_run(args.run_dir, backend, model_name, adapter_dir)
+    kept = best.read(args.run_dir) if adapter_dir != args.run_dir else None
+    if export_run(model, tokenizer, args.run_dir, backend, model_name, args.merged, args.gguf, kept, args.checkpoint):
         raise SystemExit(1)  # each failure is named above, with the command that tries it again
 
 

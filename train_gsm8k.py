@@ -46,12 +46,12 @@ from datasets import Dataset
 # The kit's files beside this one: those to edit (agents, data, rewards) and the commands run after training.
 import export
 from agents import expand_agents
-from data import GSM8K_HUB_ID, GSM8K_SAMPLE, load_gsm8k
+from data import GSM8K_HUB_ID, GSM8K_SAMPLE, load_gsm8k, split_held_out
 from evaluate import quick_eval
 from rewards import STOP_TAG, get_reward_funcs
 
 # The plumbing, in grpo_math/: its __init__ says what each module holds.
-from grpo_math import distributed, held_out, models, progress, runs, tools
+from grpo_math import best, distributed, held_out, models, progress, runs, tools
 from grpo_math.grpo_trainer import generation_args, make_trainer_class
 from grpo_math.settings import bad_input_refused, check_enough_data, parse_settings
 
@@ -158,17 +158,19 @@ def main(argv=None):
         models.check_source(s["model_name"])
     tools.check_model(s["model_name"], s["tool_names"])  # --tools: a chat template that can show them
 
-    # 2. Data: GSM8K questions and their final numbers; the first --eval-examples are held out.
+    # 2. Data: GSM8K questions and their final numbers. Two sets are held out, never trained on: the first
+    #    --eval-examples for the figure reported after training, the next --select-examples for choosing,
+    #    during training, the adapter the run keeps. Selecting on a set flatters it, hence two.
+    held_out_rows = s["eval_examples"] + s["select_examples"]
     with bad_input_refused():
-        rows = load_gsm8k(s["dataset"], "train", limit=s["max_examples"] + s["eval_examples"], seed=s["seed"])
-    rows = rows.to_list()
-    eval_rows, train_rows = rows[: s["eval_examples"]], rows[s["eval_examples"]:]
+        rows = load_gsm8k(s["dataset"], "train", limit=s["max_examples"] + held_out_rows, seed=s["seed"])
+    eval_rows, select_rows, train_rows = split_held_out(rows.to_list(), s["eval_examples"], s["select_examples"])
 
     # 3. The agents' prompts: each question once per agent, each agent an instruction variant.
     prompts = expand_agents(train_rows, s["agents"], s["agent_sampling"], s["seed"], style=s["prompt_style"],
                             examples=s["worked_examples"])
     dataset = Dataset.from_list(prompts)
-    check_enough_data(s, len(train_rows), len(eval_rows), len(dataset))
+    check_enough_data(s, len(train_rows), len(eval_rows) + len(select_rows), len(dataset))
 
     # 4. Model and LoRA: Unsloth's 4-bit model (vLLM generates where installed), or transformers + PEFT.
     runs.prepare_run(s, plan)  # only now is an old run moved aside (--overwrite)
@@ -200,33 +202,37 @@ def main(argv=None):
         else:
             # Every --eval-every steps and before the first, the held-out questions are scored as in step 9:
             # a reward that rises while their accuracy falls is the reward being gamed, not learning.
-            evaluation = held_out.evaluation(model, tokenizer, eval_rows, s, backend)
+            evaluation = held_out.evaluation(model, tokenizer, select_rows, s, backend)
             with progress.watch(trainer, s, stats, evaluation):
                 trainer.train(resume_from_checkpoint=plan["checkpoint"])
             step = trainer.state.global_step
         if not distributed.is_main():
             return s  # the first process writes the outputs
 
-        # 8. Save the LoRA adapter and tokenizer (PeftModel.from_pretrained(base, RUN) reloads them).
+        # 8. Save the last step's LoRA adapter and tokenizer (PeftModel.from_pretrained(base, RUN) reloads them).
         model.save_pretrained(s["output_dir"])
         tokenizer.save_pretrained(s["output_dir"])
         if stats:
             progress.plot_rewards(stats, os.path.join(s["output_dir"], "rewards.png"))
 
-        # 9. A quick evaluation on the held-out questions, greedy, graded as evaluate.py grades.
+        # 9. The model users get: the adapter kept in RUN/best/, the best on the selection questions
+        #    (grpo_math/best.py), or the base model when no step beat it. A quick evaluation scores it, and
+        #    the last adapter where that is another, on the --eval-examples questions, which the selection
+        #    never saw: greedy, graded as evaluate.py grades.
+        kept = best.read(s["output_dir"])  # None when nothing was selected (--eval-every 0)
         if eval_rows and not s["skip_evaluation"]:
             model = models.for_inference(model, backend)
-            result = quick_eval(model, tokenizer, eval_rows, s["agents"], s["prompt_style"], s["max_completion_length"],
-                                examples=s["worked_examples"], tools=tools.get_tools(s["tools"]),
-                                max_tool_calls=s["max_tool_calls"])
-            runs.write_json_atomic(os.path.join(s["output_dir"], "eval.json"), result)
-            print(f"quick evaluation on {result['n']} held-out questions: accuracy {result['accuracy']:.3f}, "
-                  f"format compliance {result['format_compliance']:.3f}")
-        runs.mark_finished(s["output_dir"], step)
+            best.evaluate_kept(model, s["output_dir"], kept, step, lambda m: quick_eval(
+                m, tokenizer, eval_rows, s["agents"], s["prompt_style"], s["max_completion_length"],
+                examples=s["worked_examples"], tools=tools.get_tools(s["tools"]), max_tool_calls=s["max_tool_calls"]))
+        else:
+            best.load_kept(model, s["output_dir"], kept, step)
+        print(best.closing_line(s["output_dir"], kept, step))
+        runs.mark_finished(s["output_dir"], step, kept)
 
-    # 10. Exports last (--save-merged, --save-gguf): a failed one costs nothing saved above.
+    # 10. Exports of the kept adapter last (--save-merged, --save-gguf): a failed one costs nothing saved above.
     failed = export.export_run(model, tokenizer, s["output_dir"], backend, s["model_name"],
-                               merged=s["save_merged"], gguf=s["save_gguf"])
+                               merged=s["save_merged"], gguf=s["save_gguf"], kept=kept)
     print(f"done in {time.time() - t0:.1f} s; run folder: {s['output_dir']}")
     if failed:
         raise SystemExit(f"training and evaluation are saved, but {' and '.join(failed)} failed (see above)")

@@ -36,15 +36,26 @@ import time
 import torch
 
 from evaluate import quick_eval
-from grpo_math import distributed, tools
+from grpo_math import best, distributed, tools
 
 ACCURACY, FORMAT, SECONDS = "eval/accuracy", "eval/format_compliance", "eval/seconds"
+BEST_STEP = "eval/best_step"  # the step kept so far (best.py), 0 while it is the base model
+
+
+def due(step, every, max_steps):
+    """True when step ``step`` is evaluated: every ``every`` steps, at the last, and twice early, at a
+    quarter and half of ``every`` (steps 5 and 10 for 20): the learning check's collapse happened within
+    its first 20 steps, and a step scored only at 20 is seen after the fall."""
+    if not every:
+        return False
+    return step % every == 0 or step >= max_steps or (every >= 4 and step in (every // 4, every // 2))
 
 
 def evaluation(model, tokenizer, rows, s, backend):
-    """The trainer callback that scores the held-out rows at step 0 (a fresh run), every s["eval_every"]
-    steps and at the last. transformers is imported here, not at the top: on a GPU, unsloth must be
-    imported before it (models.pick_backend), or it patches too late and warns."""
+    """The trainer callback that scores the selection rows at step 0 (a fresh run), at the steps due()
+    names, and at the last; each result goes to best.Keeper, which keeps the best adapter in RUN/best/.
+    transformers is imported here, not at the top: on a GPU, unsloth must be imported before it
+    (models.pick_backend), or it patches too late and warns."""
     from transformers import TrainerCallback
 
     class Evaluation(TrainerCallback):
@@ -52,33 +63,56 @@ def evaluation(model, tokenizer, rows, s, backend):
             self.model, self.tokenizer, self.rows, self.s, self.backend = model, tokenizer, rows, s, backend
             self.every = 0 if s["skip_evaluation"] or not rows else s["eval_every"]
             self.trainer = None  # set by progress.watch: the results are logged through it
+            self.keeper = best.Keeper(s["output_dir"], model, tokenizer)
+            self.stopped_early = None  # the line that says why, once --stop-after-worse ended the run
 
         def on_train_begin(self, args, state, control, **kwargs):
-            if self.every and state.global_step == 0:  # a resumed run has its baseline already
-                result = self.evaluate(args)
+            if not self.every:
+                return
+            if state.global_step == 0:
+                result = self.evaluate(args, state)
                 if result:
                     self.trainer.log(result)
+            elif distributed.is_main():  # a resumed run has its baseline already, and its best so far
+                self.keeper.resume()
 
         def on_step_end(self, args, state, control, **kwargs):
-            step = state.global_step
-            if self.every and (step % self.every == 0 or step >= state.max_steps):
-                self.trainer.extra_logs.update(self.evaluate(args))  # joins this step's log
+            if due(state.global_step, self.every, state.max_steps):
+                self.trainer.extra_logs.update(self.evaluate(args, state))  # joins this step's log
                 control.should_log = True
+                if self.s["stop_after_worse"] and self.stop(state):
+                    control.should_training_stop = control.should_save = True
 
-        def evaluate(self, args):
+        def evaluate(self, args, state):
             """The figures, on the first process; with several, the others wait for it (and get {})."""
-            result = self.score(args) if distributed.is_main() else {}
+            result = self.score(args, state) if distributed.is_main() else {}
             distributed.together()
             return result
 
-        def score(self, args):
+        def score(self, args, state):
             start = time.perf_counter()
             with torch.random.fork_rng(), generating(self.model, self.backend, args.gradient_checkpointing):
                 result = quick_eval(self.model, self.tokenizer, self.rows, s["agents"], s["prompt_style"],
                                     s["max_completion_length"], examples=s["worked_examples"],
                                     tools=tools.get_tools(s["tools"]), max_tool_calls=s["max_tool_calls"])
-            return {ACCURACY: result["accuracy"], FORMAT: result["format_compliance"],
-                    SECONDS: round(time.perf_counter() - start, 3)}
+            seconds = round(time.perf_counter() - start, 3)
+            kept = self.keeper.update(state.global_step, result)  # a new best is saved before training goes on
+            state.best_metric, state.best_global_step = kept["accuracy"], kept["step"]  # in trainer_state.json
+            return {ACCURACY: result["accuracy"], FORMAT: result["format_compliance"], SECONDS: seconds,
+                    BEST_STEP: kept["step"]}
+
+        def stop(self, state):
+            """--stop-after-worse K: True on every process once K evaluations in a row were clearly below
+            the best (best.Keeper.worse_in_a_row)."""
+            k = self.s["stop_after_worse"]
+            if not distributed.anyone(distributed.is_main() and self.keeper.worse_in_a_row >= k):
+                return False
+            if distributed.is_main():
+                self.stopped_early = (f"stopped early at step {state.global_step}: {k} evaluation{'s' * (k > 1)} "
+                                      f"in a row clearly below the best, step {self.keeper.best['step']} "
+                                      f"(--stop-after-worse {k})")
+                print(self.stopped_early, flush=True)
+            return True
 
     return Evaluation()
 

@@ -12,7 +12,7 @@
                           remove incomplete checkpoints, create the folder, say what it does
     write_config(...)     config.json: the settings --resume reads back, the backend, the versions
     load_stats(out, step) training_stats.json up to the step a resumed run continues from
-    mark_finished(out, N) config.json records that every output of step N is written
+    mark_finished(out, N) config.json records that every output of step N is written, and the kept step
     checkpoints(out)      the checkpoint-N folders the trainer can load, and those it cannot
 
 transformers writes checkpoint-N/ in place: the weights, optimizer.pt, scheduler.pt, rng_state.pth
@@ -35,7 +35,9 @@ ADAPTER_FILE = "adapter_model.safetensors"
 WEIGHT_FILES = (ADAPTER_FILE, "model.safetensors")  # a LoRA adapter, or full weights
 RESUME_FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json")  # trainer_state.json is written last
 # What a run writes before its first checkpoint: a folder holding only these has no training to lose.
-EARLY_FILES = {CONFIG_FILE, STATS_FILE, "base-model", CONFIG_FILE + ".tmp", STATS_FILE + ".tmp"}
+# RUN/best/ (best.py) too: a run started again from step 0 scores and saves its own best from step 0.
+EARLY_FILES = {CONFIG_FILE, STATS_FILE, "base-model", CONFIG_FILE + ".tmp", STATS_FILE + ".tmp",
+               "best", "best.new", "best.old"}
 
 
 def checkpoint_problem(path):
@@ -223,8 +225,11 @@ def load_checkpoint_weights(model, plan):
     return plan["step"]
 
 
-def mark_finished(out, step):
-    """Record in config.json that the run's outputs for ``step`` are all written."""
+def mark_finished(out, step, kept=None):
+    """Record in config.json that the run's outputs for ``step`` are all written, and which step the run
+    kept (best.py; 0 for the base model, absent when it selected none) and why."""
     config = read_config(out)
     config["finished_step"] = step
+    if kept is not None:
+        config["kept"] = {"step": kept["step"], "adapter": kept["adapter"], "why": kept["why"]}
     write_json_atomic(os.path.join(out, CONFIG_FILE), config)

@@ -23,6 +23,8 @@ from agents import WORKED_EXAMPLES, get_agents
 from grpo_math import compiling, distributed, models, tools
 from rewards import GSM8K_REWARD_WEIGHTS, get_reward_funcs
 
+# What the default evaluations cost, measured (BENCHMARKS.md, "Which adapter you get"); --eval-every's help says it.
+EVAL_COST = "MEASURE"
 CONFIG_FILE = "config.json"  # in the run folder: the resolved settings, which --resume reads back
 
 # Each tracker, and the packages that provide it (transformers takes either for tensorboard).
@@ -45,8 +47,10 @@ COMMON_DEFAULTS = dict(
     save_merged=False,
     save_gguf=None,
     skip_evaluation=False,
-    eval_examples=8,          # held-out questions for the quick evaluation after training
-    eval_every=20,            # score them every N steps too, from step 0 (0 = off): catches reward hacking
+    eval_examples=32,         # held-out questions for the quick evaluation after training (the figure reported)
+    select_examples=32,       # other held-out questions, scored during training to pick the adapter kept (best.py)
+    eval_every=20,            # score those every N steps, at step 0, N/4, N/2 and the last (0 = off); BENCHMARKS.md
+    stop_after_worse=0,       # end the run after K evaluations in a row clearly below the best (0 = never)
     worked_examples=0,        # solved questions shown before each one: how a small model learns the format
     report_to="none",         # trackers are opt-in
     project_name="grpo-math",
@@ -59,7 +63,7 @@ COMMON_DEFAULTS = dict(
 SMOKE = dict(
     model_name="tiny", backend="trl", max_steps=4, batch_size=None, gradient_accumulation_steps=1,
     num_generations=4, max_completion_length=24, max_examples=8, lora_rank=4, learning_rate=5e-4,
-    save_steps=2, eval_examples=2, sample_every=2,
+    save_steps=2, eval_examples=2, select_examples=8, sample_every=2,
 )
 
 
@@ -122,13 +126,21 @@ def build_parser(description, defaults, extra_args=None):
     add(o, "--save-gguf", "after training, also save a GGUF file in RUN/gguf with this quantization, e.g. q4_k_m "
         "(unsloth backend, llama.cpp)", type=str)
     add(o, "--skip-evaluation", "skip the held-out evaluations: the quick one after training and those of "
-        "--eval-every", action="store_true")
-    add(o, "--eval-examples", "held-out questions for the quick evaluation, never trained on (0 = none)", type=int)
-    add(o, "--eval-every", "also score them during training: before the first step, every N steps and at the "
-        "last, as eval/accuracy in the stats, the progress line and rewards.png, with a warning if the reward "
-        "rises while held-out accuracy falls (0 = off). Each evaluation generates --eval-examples greedy "
-        "answers; the default N=20 measured under 10%% (9.1%% of the learning check, BENCHMARKS.md); more where "
-        "vLLM makes the steps fast", type=int)
+        "--eval-every (then no adapter is selected: RUN/ holds the last)", action="store_true")
+    add(o, "--eval-examples", "held-out questions for the quick evaluation after training, never trained on and "
+        "never used to select the adapter: the figure reported in eval.json (0 = none)", type=int)
+    add(o, "--select-examples", "other held-out questions, scored during training (--eval-every) to select the "
+        "adapter kept in RUN/best/: a step replaces the best so far when it beats it on these questions by more "
+        "than noise (README, 'Which adapter you get'). 0 = no selection", type=int)
+    add(o, "--eval-every", "score the --select-examples questions during training: before the first step, at N/4, "
+        "N/2, every N steps and at the last, as eval/accuracy in the stats, the progress line and rewards.png, "
+        "with a warning if the reward rises while held-out accuracy falls; each one may replace the kept adapter "
+        "(0 = off: no selection, RUN/ holds the last adapter). Each evaluation generates --select-examples greedy "
+        "answers; the default N=20 with 32 questions measured "
+        f"{EVAL_COST} (BENCHMARKS.md, 'Which adapter you get'); more where vLLM makes the steps fast", type=int)
+    add(o, "--stop-after-worse", "end the run after K evaluations in a row that are clearly below the best "
+        "(sign test, as the selection). It saves the steps a collapsed run would still train; it risks "
+        "stopping a run that dips and then recovers. 0 = never", type=int)
     lg = p.add_argument_group("logging")
     add(lg, "--report-to", "experiment tracker", choices=list(REPORT_TO))
     add(lg, "--project-name", "tracker project name", type=str)
@@ -212,9 +224,12 @@ def validate(s):
             raise ValueError(f"--{key.replace('_', '-')} must be at least 1, got {s[key]}")
     if s["num_generations"] < 2:
         raise ValueError("--num-generations must be at least 2: GRPO compares completions within a group")
-    for key in ("eval_examples", "eval_every", "sample_every"):
+    for key in ("eval_examples", "select_examples", "eval_every", "stop_after_worse", "sample_every"):
         if s[key] < 0:
             raise ValueError(f"--{key.replace('_', '-')} must be 0 or more, got {s[key]}")
+    if s["stop_after_worse"] and not (s["eval_every"] and s["select_examples"] and not s["skip_evaluation"]):
+        raise ValueError(f"--stop-after-worse {s['stop_after_worse']} needs the evaluations during training that "
+                         "it counts: give --eval-every and --select-examples above 0, and no --skip-evaluation")
     if not 0 <= s["worked_examples"] <= len(WORKED_EXAMPLES):
         raise ValueError(f"--worked-examples must be between 0 and {len(WORKED_EXAMPLES)}, got {s['worked_examples']}")
     if not s["learning_rate"] > 0 or not math.isfinite(s["learning_rate"]):
@@ -294,8 +309,9 @@ def check_enough_data(s, n_train, n_held_out, n_prompts):
     if n_prompts < needed:
         raise SystemExit(
             f"too little data to train on: {n_train} training questions ({n_prompts} prompts over the agents) "
-            f"after {n_held_out} held out for the evaluation (--eval-examples {s['eval_examples']}); one GRPO step "
-            f"needs {needed}. Give more rows (--dataset, --max-examples) or lower --eval-examples."
+            f"after {n_held_out} held out (--eval-examples {s['eval_examples']}, --select-examples "
+            f"{s['select_examples']}); one GRPO step needs {needed}. Give more rows (--dataset, --max-examples) or "
+            "lower --eval-examples and --select-examples."
         )
 
 
