@@ -12,6 +12,11 @@
     sigterm-after-step-N       SIGTERM there: a scheduler's (or a launcher's) stop
     kill-rank-R-after-step-N   with several processes (torchrun): SIGKILL to process R alone, as
                                its step N ends (the others wait for it there)
+    rig-best-step-N            not a fault: the held-out evaluations during training score every
+                               selection question right at step N and wrong at every other step, so
+                               that step N is the one the run keeps (grpo_math/best.py)
+
+Faults join with "+": rig-best-step-2+kill-after-step-3.
 
 The faults are wrapped around the functions that write those files (runs.write_json_atomic,
 torch.save, PeftModel.save_pretrained); the script then runs as ``python SCRIPT [flags...]`` would.
@@ -90,6 +95,22 @@ def kill_rank_after_step(rank, n):
     distributed.anyone = count_or_die
 
 
+def rig_best_step(n):
+    """Every selection question right at step ``n``, wrong at the others: what best.Keeper.update sees,
+    and what the stats and the progress line show."""
+    from grpo_math import best
+
+    update = best.Keeper.update
+
+    def rigged(self, step, result):
+        for record in result["records"]:
+            record["correct"] = step == n
+        result["accuracy"] = float(step == n)
+        return update(self, step, result)
+
+    best.Keeper.update = rigged
+
+
 def interrupt(times, sig=signal.SIGINT):
     def press_ctrl_c():
         for _ in range(times):
@@ -99,8 +120,14 @@ def interrupt(times, sig=signal.SIGINT):
 
 
 def main():
-    fault, script, *flags = sys.argv[1:]
+    faults, script, *flags = sys.argv[1:]
     sys.path.insert(0, ROOT)
+    for fault in faults.split("+"):
+        inject(fault)
+    run(script, flags)
+
+
+def inject(fault):
     name, _, n = fault.rpartition("-")
     if fault == "kill-in-final-save":
         kill_in_final_save()
@@ -115,8 +142,13 @@ def main():
         after_stats_of_step(int(n), interrupt(2 if "twice" in name else 1))
     elif name == "sigterm-after-step":
         after_stats_of_step(int(n), interrupt(1, signal.SIGTERM))
+    elif name == "rig-best-step":
+        rig_best_step(int(n))
     else:
         raise SystemExit(f"unknown fault {fault!r}; see the docstring of {__file__}")
+
+
+def run(script, flags):
     sys.argv = [script, *flags]
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 

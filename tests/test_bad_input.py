@@ -32,17 +32,18 @@ def write_rows(path, n):
 
 
 @pytest.mark.parametrize("rows, flags, counts", [
-    # the smoke run holds out 2 questions for the evaluation: 2 rows leave none to train on
-    (2, [], "0 training questions (0 prompts over the agents) after 2 held out for the evaluation (--eval-examples 2)"),
+    # the smoke run holds out 2 questions for the evaluation and 8 for the selection: 10 rows leave none to train on
+    (10, [], "0 training questions (0 prompts over the agents) after 10 held out (--eval-examples 2, "
+             "--select-examples 8)"),
     # 4 rows, 3 held out: 1 question asked by 1 random agent = 1 prompt, but a step of 8 completions
     # in groups of 4 needs 2 (TRL would train no step at all, and exit 0)
-    (4, ["--eval-examples", "3", "--agent-sampling", "random", "--batch-size", "8"],
+    (4, ["--eval-examples", "3", "--select-examples", "0", "--agent-sampling", "random", "--batch-size", "8"],
      "1 training questions (1 prompts over the agents) after 3 held out"),
 ])
 def test_data_too_small_to_train_on_is_refused_with_the_counts(rows, flags, counts, tmp_path, capsys):
     out = tmp_path / "run"
     message = refusal(capsys, "--dataset", write_rows(tmp_path / "small.jsonl", rows), "--output-dir", str(out), *flags)
-    assert counts in message and "lower --eval-examples" in message
+    assert counts in message and "lower --eval-examples and --select-examples" in message
     assert not out.exists()  # nothing written: not even the run folder
 
 

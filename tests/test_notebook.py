@@ -83,7 +83,7 @@ def test_script_pasted_into_a_cell_runs_its_settings_block(tmp_path, script, out
     execute(notebook, str(work))
 
     text, _ = outputs(notebook.cells[1])
-    assert "step    4/4 | reward" in text and "done in" in text and "quick evaluation on 2 held-out" in text
+    assert "step    4/4 | reward" in text and "done in" in text and "on 2 held-out questions: accuracy" in text
     smoke = run + "-smoke"
     assert [e["step"] for e in stats_of(smoke)] == [0, 1, 2, 3, 4]  # step 0: the held-out baseline
     with open(os.path.join(smoke, "config.json")) as f:

@@ -55,14 +55,16 @@ def test_synthetic_smoke_end_to_end(tmp_path):
 
 
 def test_no_held_out_questions(tmp_path, capsys):
-    """--eval-examples 0, as --help allows (train_gsm8k.py takes it too): the run trains and saves, with
-    no evaluation and no eval.json."""
+    """--eval-examples 0 and --select-examples 0, as --help allows (train_gsm8k.py takes them too): the run
+    trains and saves, with no evaluation, no eval.json and no adapter selected."""
     out = tmp_path / "run"
-    train_synthetic.main(["--smoke", "--eval-examples", "0", "--max-steps", "1", "--output-dir", str(out)])
+    train_synthetic.main(["--smoke", "--eval-examples", "0", "--select-examples", "0", "--max-steps", "1",
+                          "--output-dir", str(out)])
     printed = capsys.readouterr().out
     assert "step    1/1 | reward" in printed and "quick evaluation" not in printed
     assert (out / "adapter_model.safetensors").exists() and not (out / "eval.json").exists()
     assert not any("eval/accuracy" in e for e in stats_of(out))
+    assert not (out / "best").exists() and f"no adapter was selected" in printed
 
 
 def test_gsm8k_smoke_end_to_end(tmp_path):
@@ -70,7 +72,7 @@ def test_gsm8k_smoke_end_to_end(tmp_path):
     out = str(tmp_path / "run")
     proc = run_script("train_gsm8k.py", "--smoke", "--output-dir", out)
     assert json.load(open(os.path.join(out, "config.json")))["settings"]["dataset"] == GSM8K_SAMPLE
-    assert "quick evaluation on 2 held-out questions" in proc.stdout
+    assert "on 2 held-out questions: accuracy" in proc.stdout  # the quick evaluation
     assert_reloadable_run(out, steps=4)
     stats = stats_of(out)[1:]  # the steps, after the held-out baseline
     assert all("rewards/correctness_reward/mean" in e for e in stats)  # the GSM8K recipe's rewards

@@ -1,0 +1,215 @@
+"""Which adapter a run keeps (grpo_math/best.py): the rule on made-up outcomes, then the tiny model end
+to end with the evaluations rigged (tests/faults.py rig-best-step-N) so that one step is the best: what
+RUN/best/ holds, what evaluate.py and export.py load, --resume after a kill, --stop-after-worse, and
+the held-out sets, apart from each other and from the training rows."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, SCRIPT_ENV, run_script, stats_of
+from grpo_math import best, held_out
+
+SCRIPT = "train_synthetic.py"
+RIGGED = ["--smoke", "--eval-every", "1"]  # steps 0 to 4 all scored, 8 selection questions, a checkpoint every 2
+
+
+def outcomes(right, n=16):
+    """``right`` questions right (the first ones) of ``n``."""
+    return [i < right for i in range(n)]
+
+
+@pytest.mark.parametrize("what, evaluations, kept", [
+    # rising: step 20 gains 3 (not enough alone), step 40 is 6 questions above the base
+    ("rising", [(0, outcomes(2)), (20, outcomes(5)), (40, outcomes(8)), (60, outcomes(9))], 40),
+    # collapsing: up by 6 at step 20, then below the base
+    ("collapsing", [(0, outcomes(4)), (20, outcomes(10)), (40, outcomes(3)), (60, outcomes(1))], 20),
+    # flat: the same answers at every step; ties go to the earlier step, the base
+    ("flat", [(0, outcomes(6)), (20, outcomes(6)), (40, outcomes(6))], 0),
+    # nothing beats the base: one more right (the learning check's 1 -> 2 of 16), then a collapse
+    ("nothing beats the base", [(0, outcomes(1)), (20, outcomes(2)), (40, outcomes(0)), (60, outcomes(1))], 0),
+])
+def test_the_rule_on_made_up_runs(what, evaluations, kept):
+    assert best.select(evaluations) == kept, what
+
+
+def test_the_rule_compares_question_by_question():
+    """The same accuracy is not a tie when the questions differ, and a step needs MIN_WINS = 5 net wins."""
+    a = [True] * 6 + [False] * 10
+    b = [False] * 6 + [True] * 6 + [False] * 4  # 6 right each, on other questions
+    c = best.compare(b, a)
+    assert (c["wins"], c["losses"]) == (6, 6) and c["p_better"] == c["p_worse"] > 0.5
+    assert best.MIN_WINS == 5
+    assert best.compare(outcomes(5), outcomes(0))["p_better"] == 1 / 32 <= best.ALPHA  # 5 of 5: kept
+    assert best.compare(outcomes(4), outcomes(0))["p_better"] == 1 / 16 > best.ALPHA  # 4 of 4: not
+    assert best.compare(outcomes(0), outcomes(5))["p_worse"] == 1 / 32
+    with pytest.raises(ValueError, match="same questions"):
+        best.compare(outcomes(1, 8), outcomes(1, 16))
+
+
+def test_early_evaluations_are_scheduled():
+    assert [s for s in range(61) if held_out.due(s, 20, 60)] == [0, 5, 10, 20, 40, 60]
+    assert [s for s in range(5) if held_out.due(s, 2, 4)] == [0, 2, 4]  # below 4, no early ones
+    assert [s for s in range(7) if held_out.due(s, 3, 7)] == [0, 3, 6]  # and the last step, 7, beyond the range
+    assert not any(held_out.due(s, 0, 10) for s in range(11))
+
+
+def popen(fault, *flags):
+    return subprocess.Popen([sys.executable, os.path.join("tests", "faults.py"), fault, SCRIPT, *flags], cwd=ROOT,
+                            env={**os.environ, **SCRIPT_ENV}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finished(proc):
+    stdout, stderr = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def rigged_runs(tmp_path_factory):
+    """Side by side: step 2 of 4 rigged to be the best; the same killed after step 3, then resumed; the base
+    rigged to be the best with --stop-after-worse 2; then evaluate.py and export.py on the first."""
+    base = tmp_path_factory.mktemp("best")
+    out = {name: str(base / name) for name in ("best-2", "killed", "stop")}
+    procs = {"best-2": popen("rig-best-step-2", *RIGGED, "--output-dir", out["best-2"]),
+             "killed": popen("rig-best-step-2+kill-after-step-3", *RIGGED, "--output-dir", out["killed"]),
+             "stop": popen("rig-best-step-0", *RIGGED, "--stop-after-worse", "2", "--output-dir", out["stop"])}
+    done = {name: finished(p) for name, p in procs.items()}
+    for name in ("best-2", "stop"):
+        assert done[name].returncode == 0, done[name].stderr[-3000:]
+    assert done["killed"].returncode == -9, done["killed"].stderr[-3000:]
+    done["killed_best"] = best.read(out["killed"])
+    resumed = popen("rig-best-step-2", "--resume", "--output-dir", out["killed"])
+    done["resumed"] = finished(resumed)
+    assert done["resumed"].returncode == 0, done["resumed"].stderr[-3000:]
+    return out, done
+
+
+def adapter(folder):
+    return load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_keeps_the_best_step_and_names_it(rigged_runs):
+    out, done = rigged_runs
+    run = out["best-2"]
+    record = best.read(run)
+    assert (record["step"], record["adapter"], record["n"], record["accuracy"]) == (2, True, 8, 1.0)
+    assert record["base"]["step"] == 0 and record["base"]["accuracy"] == 0.0
+    assert record["against_best"] == {"wins": 8, "losses": 0, "p_better": 1 / 256, "p_worse": 1.0}
+    assert "beat step 0: right on 8 questions" in record["why"]
+    # RUN/best/ holds exactly step 2's adapter: checkpoint-2's weights, not the last step's
+    kept = adapter(os.path.join(run, best.BEST_DIR))
+    assert_same_tensors(kept, adapter(os.path.join(run, "checkpoint-2")))
+    assert not all(torch.equal(kept[k], v) for k, v in adapter(run).items())
+    assert os.path.isfile(os.path.join(run, best.BEST_DIR, "tokenizer.json"))
+    # named in the stats, the trainer's state, config.json and the run's last lines
+    assert [e[held_out.BEST_STEP] for e in stats_of(run)] == [0, 0, 2, 2, 2]
+    state = json.load(open(os.path.join(run, "checkpoint-4", "trainer_state.json")))
+    assert (state["best_global_step"], state["best_metric"]) == (2, 1.0)
+    assert json.load(open(os.path.join(run, "config.json")))["kept"]["step"] == 2
+    stdout = done["best-2"].stdout
+    assert "kept step 2 (held-out accuracy 1.000" in stdout and "the last adapter, step 4, stays in" in stdout
+    quick = json.load(open(os.path.join(run, "eval.json")))
+    assert (quick["model"], quick["step"], quick["last"]["step"]) == ("the kept adapter", 2, 4)
+    assert "quick evaluation of the kept adapter (step 2)" in stdout and "quick evaluation of the last adapter (step 4)" in stdout
+
+
+def test_evaluate_and_export_take_the_kept_adapter(rigged_runs, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = rigged_runs[0]["best-2"]
+    model = os.path.join(run, "base-model")
+    flags = ["--model-name", model, "--adapter", run, "--dataset", "synthetic:easy", "--n", "2", "--calibration-n", "0",
+             "--agents", "1", "--max-new-tokens", "4", "--no-ensemble", "--no-perplexity"]
+    kept = run_script("evaluate.py", *flags, "--out", str(tmp_path / "kept"))
+    assert f"{run}: loading the kept adapter, step 2 of the run" in kept.stdout
+    last = run_script("evaluate.py", *flags, "--checkpoint", "last", "--out", str(tmp_path / "last"))
+    assert f"{run}: loading the last adapter (step 4) (--checkpoint last)" in last.stdout
+    loaded = json.load(open(tmp_path / "last" / "eval.json"))["config"]["loaded"]
+    assert loaded.startswith(f"{run}: loading the last adapter")
+
+    exported = run_script("export.py", run, "--merged")
+    assert "loading the kept adapter, step 2" in exported.stdout
+    ids = torch.tensor([[5, 17, 42, 7, 99]])
+
+    def logits(m):
+        with torch.no_grad():
+            return m(ids).logits
+
+    merged = logits(AutoModelForCausalLM.from_pretrained(os.path.join(run, "merged")))
+    with_kept = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), os.path.join(run, "best")))
+    with_last = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), run))
+    assert torch.allclose(merged, with_kept, atol=1e-5) and not torch.allclose(merged, with_last, atol=1e-5)
+
+
+def test_a_run_killed_after_step_3_still_keeps_step_2_when_resumed(rigged_runs):
+    out, done = rigged_runs
+    assert done["killed_best"]["step"] == 2  # saved as step 2 was scored, before the kill
+    assert "resuming from checkpoint-2" in done["resumed"].stdout
+    record = best.read(out["killed"])
+    assert record["step"] == 2 and "kept step 2" in done["resumed"].stdout
+    assert [e[held_out.BEST_STEP] for e in stats_of(out["killed"])] == [0, 0, 2, 2, 2]
+    # the same adapter as the run that was not killed: step 2 trained the same way
+    assert_same_tensors(adapter(os.path.join(out["killed"], "best")), adapter(os.path.join(out["best-2"], "best")))
+
+
+def test_stop_after_worse_ends_the_run_and_keeps_the_base(rigged_runs, tmp_path):
+    out, done = rigged_runs
+    run = out["stop"]
+    assert [e["step"] for e in stats_of(run)] == [0, 1, 2]  # steps 1 and 2 scored clearly below the base
+    assert "stopped early at step 2: 2 evaluations in a row clearly below the best, step 0" in done["stop"].stdout
+    assert os.path.isdir(os.path.join(run, "checkpoint-2"))
+    record = best.read(run)
+    assert record["step"] == 0 and not record["adapter"]
+    assert not os.path.exists(os.path.join(run, best.BEST_DIR, "adapter_model.safetensors"))
+    assert "no step beat the base model on the 8 held-out selection questions" in done["stop"].stdout
+    # the base model kept: evaluate.py evaluates it, export.py has nothing to merge
+    flags = ["--model-name", os.path.join(run, "base-model"), "--adapter", run, "--dataset", "synthetic:easy",
+             "--n", "2", "--calibration-n", "0", "--agents", "1", "--max-new-tokens", "4", "--no-ensemble",
+             "--no-perplexity", "--out", str(tmp_path / "eval")]
+    assert "no step beat the base model on the held-out questions" in run_script("evaluate.py", *flags).stdout
+    refused = run_script("export.py", run, "--merged", check=False)
+    assert refused.returncode == 1 and "nothing to export: the run kept the base model" in refused.stderr
+    assert "Traceback" not in refused.stderr and "--checkpoint last" in refused.stderr
+
+
+@pytest.mark.parametrize("script", ["train_synthetic.py", "train_gsm8k.py"])
+def test_selection_and_reporting_questions_never_overlap(script, tmp_path):
+    """The questions the run selects on (best.json) and those its figure is reported on (eval.json):
+    none in both, and none among the training rows."""
+    import data
+    import train_gsm8k
+    import train_synthetic
+    from grpo_math import settings
+
+    out = str(tmp_path / "run")
+    run_script(script, "--smoke", "--max-steps", "1", "--eval-examples", "6", "--output-dir", out)
+    selected = set(best.read(out)["questions"])
+    reported = {r["question"] for r in json.load(open(os.path.join(out, "eval.json")))["records"]}
+    assert len(selected) == 8 and len(reported) == 6 and not selected & reported
+    module = train_gsm8k if script == "train_gsm8k.py" else train_synthetic
+    s = settings.parse_settings("test", module.DEFAULTS, ["--smoke"], module.add_args, getattr(module, "SMOKE", None))
+    if script == "train_gsm8k.py":
+        rows = data.load_gsm8k(data.GSM8K_SAMPLE, limit=s["max_examples"] + 14, seed=s["seed"]).to_list()
+        *_, train = data.split_held_out(rows, 6, 8)
+    else:
+        train = data.synthetic_problems(s["max_examples"], s["difficulty"], seed=s["seed"]).to_list()
+    assert train and not {r["question"] for r in train} & (selected | reported)
+
+
+def test_split_held_out_drops_repeated_and_excluded_questions():
+    from data import split_held_out
+
+    rows = [{"question": q} for q in "a b a c d b e f g".split()]
+    report, select, rest = split_held_out(rows, 2, 2, exclude={"c"})
+    assert [r["question"] for r in report] == ["a", "b"] and [r["question"] for r in select] == ["d", "e"]
+    assert [r["question"] for r in rest] == ["c", "f", "g"]  # the repeats of a and b are dropped
