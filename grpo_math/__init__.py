@@ -13,6 +13,7 @@ Training
                   rollouts (vLLM or generate()) and where they stop
     progress      the progress line, training_stats.json per step, Ctrl-C, the out-of-memory hint, rewards.png
     held_out      --eval-every: held-out accuracy during training, and the reward-hacking warning
+    best          the adapter a run keeps (RUN/best/): the best on the selection questions, the base model counting
     runs          the run folder: start, reuse, --overwrite, --resume, finish; config.json; atomic JSON
     distributed   torchrun / accelerate launch: the first process decides and writes, every one stops alike
     hub           one quick question to the Hugging Face hub before a model or data set is loaded from it

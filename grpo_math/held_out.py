@@ -1,33 +1,34 @@
 """Held-out accuracy during training (--eval-every N): a rising reward is no proof of learning.
 
+    due(step, N, max_steps)
+        whether a step is scored: step 0 (a fresh run's baseline), N/4 and N/2 (steps 5 and 10 for
+        N = 20: a collapse can come early), every N steps, and the last
     evaluation(model, tokenizer, rows, s, backend)
-        the trainer callback that scores the held-out rows (--eval-examples of them, never trained on)
-        before the first step of a fresh run (step 0, the baseline), every N optimizer steps, and at
-        the last step. It scores them as evaluate.quick_eval does after training: the first agent's
-        greedy answers, graded with rewards.is_correct. Off with --eval-every 0, --eval-examples 0 or
-        --skip-evaluation.
+        the trainer callback that scores the selection rows (--select-examples of them, never trained
+        on, apart from the --eval-examples of the quick evaluation after training) at those steps:
+        the first agent's greedy answers, graded with rewards.is_correct, as evaluate.quick_eval does.
+        Each result goes to best.Keeper, which keeps the best adapter in RUN/best/ and counts the
+        evaluations clearly below it for --stop-after-worse. Off with --eval-every 0,
+        --select-examples 0 or --skip-evaluation.
     reward_hacking_warning(stats)
         the line to print when, over the last 3 evaluations, the mean reward rose while held-out
         accuracy fell: the policy may be exploiting the reward rather than learning the task
 
-Each result (eval/accuracy, eval/format_compliance, and eval/seconds, the evaluation's wall time)
-goes through the trainer's log, so that the trackers (--report-to) receive it like TRL's metrics;
-progress.py puts it on the step's entry in training_stats.json and on its progress line. An
-evaluation after step N joins step N's own log; the baseline is logged on its own, as the entry
-{"step": 0, "eval/accuracy": ...}, which has no reward.
+Each result (eval/accuracy, eval/format_compliance, eval/seconds, the evaluation's wall time, and
+eval/best_step, the step kept so far) goes through the trainer's log, so that the trackers
+(--report-to) receive it like TRL's metrics; progress.py puts it on the step's entry in
+training_stats.json and on its progress line. An evaluation after step N joins step N's own log;
+the baseline is logged on its own, as the entry {"step": 0, "eval/accuracy": ...}, which has no
+reward. The kept step and its accuracy also go into the trainer's state (best_global_step,
+best_metric), saved in each checkpoint's trainer_state.json.
 
 An evaluation leaves training as it found it: the model goes back to training mode (on the unsloth
 backend with FastLanguageModel.for_training, which turns its gradient checkpointing back on), and
 the random state is restored, so that the rollouts sampled after it are those of a run without it.
 It runs after the step's time is taken: s/step on the progress line is the step's own time.
 
-What it costs: quick_eval generates --eval-examples greedy answers in batches of 8, where a step
-samples --num-generations completions and trains on them. Measured in the learning check
-(BENCHMARKS.md, with its command: SmolLM2-135M on a 2-core CPU, 16 questions, 8 completions a step):
-the evaluations after step 0 took 22-25 s against about 19 s a step, and the four of the 60-step run
-cost 9.1% of its training time, the first of them slowed by another job. On a 20-step --smoke run:
-9.5%. The evaluations at step 0 and at the last step are fixed costs, so longer runs pay less. Where
-vLLM samples the rollouts, the steps are faster and the share larger.
+What it costs: quick_eval generates --select-examples greedy answers in batches of 8, where a step
+samples --num-generations completions and trains on them. EVAL_COST_DOC
 """
 
 import contextlib

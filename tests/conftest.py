@@ -28,6 +28,17 @@ def run_script(script, *flags, check=True, env=None):
     return proc
 
 
+def assert_held_out_sets_apart(run, train_questions):
+    """The questions the run selected on (best.json) and those its figure is reported on (eval.json): none
+    in both, and none among the training rows. test_best.py and test_training.py check both scripts' smoke runs."""
+    from grpo_math import best
+
+    selected = set(best.read(run)["questions"])
+    reported = {r["question"] for r in json.load(open(os.path.join(run, "eval.json")))["records"]}
+    assert len(selected) == 8 and len(reported) == 2 and not selected & reported
+    assert train_questions and not set(train_questions) & (selected | reported)
+
+
 def stats_of(run_dir):
     with open(os.path.join(run_dir, "training_stats.json")) as f:
         return json.load(f)

@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, SCRIPT_ENV, run_script, stats_of
+import evaluate
+import export
+from conftest import ROOT, SCRIPT_ENV, assert_held_out_sets_apart, stats_of
 from grpo_math import best, held_out
 
 SCRIPT = "train_synthetic.py"
@@ -122,7 +124,7 @@ def test_run_keeps_the_best_step_and_names_it(rigged_runs):
     assert "quick evaluation of the kept adapter (step 2)" in stdout and "quick evaluation of the last adapter (step 4)" in stdout
 
 
-def test_evaluate_and_export_take_the_kept_adapter(rigged_runs, tmp_path):
+def test_evaluate_and_export_take_the_kept_adapter(rigged_runs, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -130,15 +132,15 @@ def test_evaluate_and_export_take_the_kept_adapter(rigged_runs, tmp_path):
     model = os.path.join(run, "base-model")
     flags = ["--model-name", model, "--adapter", run, "--dataset", "synthetic:easy", "--n", "2", "--calibration-n", "0",
              "--agents", "1", "--max-new-tokens", "4", "--no-ensemble", "--no-perplexity"]
-    kept = run_script("evaluate.py", *flags, "--out", str(tmp_path / "kept"))
-    assert f"{run}: loading the kept adapter, step 2 of the run" in kept.stdout
-    last = run_script("evaluate.py", *flags, "--checkpoint", "last", "--out", str(tmp_path / "last"))
-    assert f"{run}: loading the last adapter (step 4) (--checkpoint last)" in last.stdout
+    evaluate.main([*flags, "--out", str(tmp_path / "kept")])
+    assert f"{run}: loading the kept adapter, step 2 of the run" in capsys.readouterr().out
+    evaluate.main([*flags, "--checkpoint", "last", "--out", str(tmp_path / "last")])
+    assert f"{run}: loading the last adapter (step 4) (--checkpoint last)" in capsys.readouterr().out
     loaded = json.load(open(tmp_path / "last" / "eval.json"))["config"]["loaded"]
     assert loaded.startswith(f"{run}: loading the last adapter")
 
-    exported = run_script("export.py", run, "--merged")
-    assert "loading the kept adapter, step 2" in exported.stdout
+    export.main([run, "--merged"])
+    assert "loading the kept adapter, step 2" in capsys.readouterr().out
     ids = torch.tensor([[5, 17, 42, 7, 99]])
 
     def logits(m):
@@ -162,7 +164,7 @@ def test_a_run_killed_after_step_3_still_keeps_step_2_when_resumed(rigged_runs):
     assert_same_tensors(adapter(os.path.join(out["killed"], "best")), adapter(os.path.join(out["best-2"], "best")))
 
 
-def test_stop_after_worse_ends_the_run_and_keeps_the_base(rigged_runs, tmp_path):
+def test_stop_after_worse_ends_the_run_and_keeps_the_base(rigged_runs, tmp_path, capsys):
     out, done = rigged_runs
     run = out["stop"]
     assert [e["step"] for e in stats_of(run)] == [0, 1, 2]  # steps 1 and 2 scored clearly below the base
@@ -176,34 +178,22 @@ def test_stop_after_worse_ends_the_run_and_keeps_the_base(rigged_runs, tmp_path)
     flags = ["--model-name", os.path.join(run, "base-model"), "--adapter", run, "--dataset", "synthetic:easy",
              "--n", "2", "--calibration-n", "0", "--agents", "1", "--max-new-tokens", "4", "--no-ensemble",
              "--no-perplexity", "--out", str(tmp_path / "eval")]
-    assert "no step beat the base model on the held-out questions" in run_script("evaluate.py", *flags).stdout
-    refused = run_script("export.py", run, "--merged", check=False)
-    assert refused.returncode == 1 and "nothing to export: the run kept the base model" in refused.stderr
-    assert "Traceback" not in refused.stderr and "--checkpoint last" in refused.stderr
+    evaluate.main(flags)
+    assert "no step beat the base model on the held-out questions" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        export.main([run, "--merged"])
+    assert "nothing to export: the run kept the base model" in str(refused.value.code)
+    assert "--checkpoint last" in str(refused.value.code)
 
 
-@pytest.mark.parametrize("script", ["train_synthetic.py", "train_gsm8k.py"])
-def test_selection_and_reporting_questions_never_overlap(script, tmp_path):
-    """The questions the run selects on (best.json) and those its figure is reported on (eval.json):
-    none in both, and none among the training rows."""
-    import data
-    import train_gsm8k
+def test_selection_and_reporting_questions_never_overlap(rigged_runs):
     import train_synthetic
+    from data import synthetic_problems
     from grpo_math import settings
 
-    out = str(tmp_path / "run")
-    run_script(script, "--smoke", "--max-steps", "1", "--eval-examples", "6", "--output-dir", out)
-    selected = set(best.read(out)["questions"])
-    reported = {r["question"] for r in json.load(open(os.path.join(out, "eval.json")))["records"]}
-    assert len(selected) == 8 and len(reported) == 6 and not selected & reported
-    module = train_gsm8k if script == "train_gsm8k.py" else train_synthetic
-    s = settings.parse_settings("test", module.DEFAULTS, ["--smoke"], module.add_args, getattr(module, "SMOKE", None))
-    if script == "train_gsm8k.py":
-        rows = data.load_gsm8k(data.GSM8K_SAMPLE, limit=s["max_examples"] + 14, seed=s["seed"]).to_list()
-        *_, train = data.split_held_out(rows, 6, 8)
-    else:
-        train = data.synthetic_problems(s["max_examples"], s["difficulty"], seed=s["seed"]).to_list()
-    assert train and not {r["question"] for r in train} & (selected | reported)
+    s = settings.parse_settings("test", train_synthetic.DEFAULTS, ["--smoke"], train_synthetic.add_args)
+    train = synthetic_problems(s["max_examples"], s["difficulty"], seed=s["seed"])["question"]
+    assert_held_out_sets_apart(rigged_runs[0]["best-2"], train)
 
 
 def test_split_held_out_drops_repeated_and_excluded_questions():

@@ -13,7 +13,7 @@ import types
 import pytest
 
 from conftest import ROOT, SCRIPT_ENV, run_script, stats_of
-from grpo_math import held_out, progress
+from grpo_math import best, held_out, progress
 
 SCRIPT = "train_synthetic.py"
 EVAL_KEYS = {held_out.ACCURACY, held_out.FORMAT, held_out.SECONDS}
@@ -59,9 +59,10 @@ def test_eval_every_2_scores_at_step_0_then_every_2_steps(smoke_runs):
     assert "| eval acc " in lines["step    2/4"] and "| eval acc " in lines["step    4/4"]
     assert "eval acc" not in lines["step    1/4"] + lines["step    3/4"]
     assert os.path.exists(os.path.join(out, "rewards.png"))
-    # the last step's evaluation is the quick evaluation after training: the same model, rows and grading
+    # the evaluations score the selection questions, the quick evaluation after training others
     quick = json.load(open(os.path.join(out, "eval.json")))
-    assert (stats[-1][held_out.ACCURACY], stats[-1][held_out.FORMAT]) == (quick["accuracy"], quick["format_compliance"])
+    selected = best.read(out)["questions"]
+    assert quick["n"] == 2 and len(selected) == 8 and not {r["question"] for r in quick["records"]} & set(selected)
 
 
 def test_the_results_go_through_the_trainers_log(smoke_runs):
@@ -77,6 +78,10 @@ def test_eval_every_0_scores_nothing_during_training(smoke_runs):
     stats = stats_of(smoke_runs["out"]["off"])
     assert [e["step"] for e in stats] == [1, 2, 3, 4] and evaluated_steps(stats) == []
     assert "eval acc" not in smoke_runs["off"].stdout
+    # nothing selected: no RUN/best/, the run says so, and the quick evaluation scores the last adapter
+    assert best.read(smoke_runs["out"]["off"]) is None
+    assert "no adapter was selected (held-out evaluation during training was off" in smoke_runs["off"].stdout
+    assert "quick evaluation of the last adapter (step 4)" in smoke_runs["off"].stdout
 
 
 def test_evaluations_leave_training_as_it_was(smoke_runs):

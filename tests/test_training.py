@@ -10,10 +10,10 @@ import torch
 import train_gsm8k
 import train_synthetic
 from agents import expand_agents
-from data import GSM8K_SAMPLE
+from data import GSM8K_SAMPLE, load_gsm8k, split_held_out
 from grpo_math import grpo_trainer, models, settings
 from rewards import STOP_TAG
-from conftest import run_script, stats_of
+from conftest import assert_held_out_sets_apart, run_script, stats_of
 
 
 def assert_reloadable_run(run_dir, steps):
@@ -74,6 +74,11 @@ def test_gsm8k_smoke_end_to_end(tmp_path):
     assert json.load(open(os.path.join(out, "config.json")))["settings"]["dataset"] == GSM8K_SAMPLE
     assert "on 2 held-out questions: accuracy" in proc.stdout  # the quick evaluation
     assert_reloadable_run(out, steps=4)
+    # the held-out sets: apart from each other and from the rows trained on
+    s = parse(["--smoke"])
+    rows = load_gsm8k(GSM8K_SAMPLE, limit=s["max_examples"] + s["eval_examples"] + s["select_examples"], seed=s["seed"])
+    *_, train = split_held_out(rows.to_list(), s["eval_examples"], s["select_examples"])
+    assert_held_out_sets_apart(out, [r["question"] for r in train])
     stats = stats_of(out)[1:]  # the steps, after the held-out baseline
     assert all("rewards/correctness_reward/mean" in e for e in stats)  # the GSM8K recipe's rewards
 
