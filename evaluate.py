@@ -23,12 +23,9 @@ answers are scored one by one and pooled:
                  agent's prompt, solution tokens only; --no-perplexity skips it
 
 Accuracies in eval.md come with a Wilson 95% interval (grpo_math/intervals.py). --worked-examples N opens
-every prompt (agents, ensemble, perplexity) with N solved questions. --dataset synthetic:easy (or
-medium, hard) scores data.synthetic_problems(n + calibration_n, level, seed=--seed) in place of
-GSM8K: train_synthetic.py by default trains on seed 3407 and holds out 3408, so --seed 3407 would
-score its training problems; the default seed 0 draws others (a one-step one may recur by chance).
-
-Every answer is graded with rewards.is_correct, the function the training reward uses.
+every prompt (agents, ensemble, perplexity) with N solved questions. --dataset synthetic:easy (or medium,
+hard) scores data.synthetic_problems(n + calibration_n, level, seed=--seed) instead of GSM8K: --seed 3407
+is train_synthetic.py's training seed; the default 0 draws others (a one-step one may recur by chance).
 
     # the trained adapter side by side with its base model (GPU)
     python evaluate.py --model-name Qwen/Qwen2.5-1.5B-Instruct --adapter runs/gsm8k --compare-base
@@ -42,20 +39,17 @@ Every answer is graded with rewards.is_correct, the function the training reward
         --dataset synthetic:easy --worked-examples 2 --matched-compute
 
 Writes eval.json (every figure and a record per question), eval.md (tables) and eval.png (a bar
-chart) to --out; grpo_math/report.py builds and writes them. Timings are wall-clock seconds per question:
-each agent's own generation (batched across questions); the votes reuse every agent's generation,
-so their time is the sum; the ensemble decodes one question at a time; each matched-compute method
-counts its own generation (the greedy best agent's is that agent's).
+chart) to --out (grpo_math/report.py). Timings are wall-clock seconds per question: each agent's own
+generation (batched across questions); the votes sum every agent's; the ensemble decodes one question
+at a time; each matched-compute method counts its own (the greedy best agent's is that agent's).
 
-The agents' answers come from transformers' model.generate, or with --engine vllm from vLLM, over a
-merged copy of the model (grpo_math/vllm_engine.py). The ensemble and the perplexity need the
-model's hidden states and logits, so they stay on transformers with either engine.
+The agents' answers come from transformers' model.generate, or with --engine vllm from vLLM over a
+merged copy of the model (grpo_math/vllm_engine.py); the ensemble and the perplexity need hidden
+states and logits, so they stay on transformers.
 
---tools calculator: every agent answers again, greedy, with the calculator callable (the training's tool
-loop, grpo_math/tools.py): accuracy without and with it side by side; each answer's calls in eval.json.
-
+--tools calculator: every agent answers again, greedy, with the calculator callable (grpo_math/tools.py).
 quick_eval is the training scripts' smaller check of a run: the first agent's greedy answers on
-held-out rows, graded the same way, with no votes and no ensemble.
+held-out rows, graded the same way (rewards.is_correct, as the training reward), with no votes.
 """
 
 import argparse
@@ -89,10 +83,8 @@ def parse_args(argv=None):
     g.add_argument("--model-name", required=True,
                    help="hub id, local folder, or smollm2-135m-gguf (SmolLM2-135M-Instruct, offline)")
     g.add_argument("--adapter", help="run folder holding the LoRA adapter (adapter_config.json) to evaluate")
-    g.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                   help="with --adapter RUN: best, the adapter the run kept in RUN/best/ (the best on its held-out "
-                        "selection questions; the base model where no step beat it), or the last where it kept none; "
-                        "last: the last step's adapter")
+    g.add_argument("--checkpoint", choices=["best", "last"], default="best", help="with --adapter RUN: the adapter "
+                   "the run kept in RUN/best/ (README, 'Which adapter you get'), or the last step's")
     g.add_argument("--compare-base", action="store_true",
                    help="also evaluate the model without --adapter and report both side by side")
     g = p.add_argument_group("data")
@@ -344,12 +336,9 @@ def main(argv=None):
     if not args.adapter or args.compare_base:
         runs["base"] = run(model)
     if args.adapter:
-        adapter, which = best.adapter_to_load(args.adapter, args.checkpoint)  # RUN/best/ where the run kept one
-        print(which)
-        config["loaded"] = which
-        if adapter is not None:  # None: the run kept the base model
-            model = load_adapter(model, adapter)
-            model.eval()
+        adapter, config["loaded"] = best.adapter_to_load(args.adapter, args.checkpoint)  # RUN/best/; None: the base
+        print(config["loaded"])
+        model = load_adapter(model, adapter).eval() if adapter else model
         runs["trained"] = runs["base"] if adapter is None and "base" in runs else run(model)
     result = {"config": config, "runs": runs,
               "comparison": compare(runs["base"], runs["trained"]) if len(runs) == 2 else None}

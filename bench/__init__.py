@@ -5,6 +5,7 @@ grpo_math/ are importable: python -m bench.bench --help. Their figures are in BE
     bench_worker    bench's child process: one backend, loaded and trained through the kit, timed
     bench_rewards   completions per second that each reward grades, on one CPU core
     learning_study  does GRPO make a real model better, with 4 agents or 1? arms x seeds, scored before and after
+    kept_adapter    which adapter a run keeps: the learning check's run, base, last and kept scored on 100 problems
     vllm_agreement  greedy answers from vLLM against generate()'s: the share that agree
     gpu_check       every part that needs a GPU, each in a child process with a time limit; --dry-run on a CPU
     gpu_plan        the GPU check's parts, their expected seconds, and how they fit calls and 15-minute loans

@@ -22,6 +22,7 @@ Most important first:
     trl         the trl backend, the unsloth part's shape and generation batches: the ratios
     model       the random-weight 1.5B-shaped model saved to a folder, with the Qwen tokenizer
     train-chat  train_gsm8k.py --max-steps 8 on that folder (64-token completions), unsloth, --save-merged
+                of the last adapter (--eval-every 0; train-xml and train-tools keep the adapter selection on)
     evaluate    evaluate.py on train-chat's run, the ensemble included, 8 GSM8K questions
     train-xml   train-chat with --prompt-style xml
     c128, c512  the unsloth part's shape at 128 and 512 completion tokens

@@ -55,7 +55,7 @@ def train_cmd(a, style, *flags, run=None, steps=8):
     size = (["--backend", "trl", "--max-steps", "2", "--num-generations", "4", "--max-completion-length", "16",
              "--lora-rank", "4", "--eval-examples", "2", "--max-examples", "8"] if a.dry_run
             else ["--backend", "unsloth", "--compile", "off", "--max-steps", str(steps), "--max-completion-length", "64",
-                  "--max-examples", "40"])
+                  "--max-examples", "40", "--eval-examples", "8", "--select-examples", "8"])
     return [PY, os.path.join(ROOT, "train_gsm8k.py"), "--model-name", os.path.join(a.out, "model"),
             "--dataset", GSM8K_DIR, "--prompt-style", style, "--output-dir", os.path.join(a.out, "runs", run or style),
             "--save-steps", "4", "--overwrite", *size, *flags]  # --overwrite: a rerun (--parts) keeps the old aside
@@ -81,7 +81,8 @@ def parts(a):
         ("trl", bench_s(3, 1, "trl", batches=(32, 64)), bench_cmd(a, j("trl"), 3, 1, *trl, *batches)),
         ("model", 60, [PY, "-m", "bench.gpu_check", "--save-model", os.path.join(a.out, "model")]
          + (["--tiny"] if a.dry_run else [])),
-        ("train-chat", train_s(8), train_cmd(a, "chat", "--save-merged")),
+        # --eval-every 0: the random model never beats its base, which the run would keep, and merge nothing
+        ("train-chat", train_s(8), train_cmd(a, "chat", "--save-merged", "--eval-every", "0")),
         ("evaluate", 120, [PY, os.path.join(ROOT, "evaluate.py"), "--model-name", os.path.join(a.out, "model"),
                            "--adapter", os.path.join(a.out, "runs", "chat"), "--dataset", GSM8K_DIR, "--n", "8",
                            "--calibration-n", "4", "--max-new-tokens", "16" if a.dry_run else "64",

@@ -28,7 +28,13 @@ the random state is restored, so that the rollouts sampled after it are those of
 It runs after the step's time is taken: s/step on the progress line is the step's own time.
 
 What it costs: quick_eval generates --select-examples greedy answers in batches of 8, where a step
-samples --num-generations completions and trains on them. EVAL_COST_DOC
+samples --num-generations completions and trains on them. Measured on SmolLM2-135M on a 2-core CPU
+(BENCHMARKS.md, "Which adapter you get", with its command: 32 questions, 8 completions of 48 tokens a
+step): an evaluation took 20-23 s with the cores to itself, against a median step of 10 s, so about
+two steps. At the default N = 20 a run pays for 0, 5, 10, every 20 and the last: 6 evaluations in 60
+steps (21% of one run's training time; 26% in another whose first evaluations shared the cores), and
+16 in the default 250 steps, about 13%. The early ones are fixed costs, so longer runs pay less.
+Where vLLM samples the rollouts, the steps are faster and the share larger.
 """
 
 import contextlib

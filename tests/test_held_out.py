@@ -175,7 +175,10 @@ def test_help_says_what_the_default_costs(capsys):
         settings.parse_settings("test", train_synthetic.DEFAULTS, ["--help"], train_synthetic.add_args)
     assert exc.value.code == 0
     help_text = " ".join(capsys.readouterr().out.split())
-    assert f"N={settings.COMMON_DEFAULTS['eval_every']} measured under 10% (9.1% of the learning check" in help_text
+    defaults = settings.COMMON_DEFAULTS
+    assert (defaults["eval_every"], defaults["select_examples"]) == (20, 32)  # the measured ones
+    assert f"N=20 with 32 questions measured {' '.join(settings.EVAL_COST.split())}" in help_text
+    assert "21% of a 60-step run" in help_text
 
 
 def stats_with(accuracies, rewards):
