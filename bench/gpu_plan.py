@@ -53,7 +53,7 @@ def bench_cmd(a, out, steps, warmup, *flags):
 
 def train_cmd(a, style, *flags, run=None, steps=8):
     size = (["--backend", "trl", "--max-steps", "2", "--num-generations", "4", "--max-completion-length", "16",
-             "--lora-rank", "4", "--eval-examples", "2", "--max-examples", "8"] if a.dry_run
+             "--lora-rank", "4", "--eval-examples", "2", "--select-examples", "2", "--max-examples", "8"] if a.dry_run
             else ["--backend", "unsloth", "--compile", "off", "--max-steps", str(steps), "--max-completion-length", "64",
                   "--max-examples", "40", "--eval-examples", "8", "--select-examples", "8"])
     return [PY, os.path.join(ROOT, "train_gsm8k.py"), "--model-name", os.path.join(a.out, "model"),

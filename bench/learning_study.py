@@ -175,8 +175,10 @@ def run_one(study, arm, seed):
     name = f"{arm}-seed{seed}"
     folder = os.path.join(args.output_dir, "runs", name)
     flags = ["--model-name", study["model_name"], *RECIPE, *ARMS[arm], "--max-steps", str(study["max_steps"]),
-             "--max-examples", str(study["max_examples"]), "--eval-examples", str(study["eval_examples"]),
-             "--seed", str(seed), "--vllm", args.vllm, "--output-dir", folder]
+             # the run's own problems, scored at its --eval-every steps: the first of seed + 1, as when the
+             # study ran (the study scores every run itself, so the run's evaluation after training is off)
+             "--max-examples", str(study["max_examples"]), "--select-examples", str(study["eval_examples"]),
+             "--eval-examples", "0", "--seed", str(seed), "--vllm", args.vllm, "--output-dir", folder]
     resume = os.path.isdir(folder) and bool(os.listdir(folder))
     print(f"\n== {name}: python train_synthetic.py {' '.join(flags)}{' --resume' * resume}", flush=True)
     start = time.time()

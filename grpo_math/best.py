@@ -30,7 +30,12 @@ RUN/best/ holds the kept adapter and tokenizer, and best.json: the step, its acc
 95% interval, n, format compliance, why it was kept, the same figures for step 0, and the per-question
 outcomes (a resumed run compares against them). When no step beat the base, best.json names step 0
 and there is no adapter. A new best is written beside the old one (best.new/) and then swapped in, so
-that a kill at any moment leaves one complete RUN/best/.
+that a kill at any moment leaves one complete RUN/best/. A resumed run compares against the best it
+finds there, even one saved after the checkpoint it resumes from: that adapter was scored on the same
+questions. The trainer's own best_metric and best_global_step (trainer_state.json) record it too;
+best_model_checkpoint is left alone, since it names a checkpoint-N folder that save_total_limit must
+spare, and the kept adapter is written at evaluation steps, not checkpoint steps, without the optimizer
+state that makes a checkpoint several times larger.
 """
 
 import json
@@ -135,6 +140,8 @@ def save(out, model, tokenizer, record):
     to best.new/ and swapped in."""
     path = os.path.join(out, BEST_DIR)
     new, old = path + ".new", path + ".old"
+    if os.path.isdir(path):  # what an earlier kill left beside a whole best/
+        shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(new, ignore_errors=True)
     os.makedirs(new)
     if model is not None:

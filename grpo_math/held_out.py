@@ -71,7 +71,6 @@ def evaluation(model, tokenizer, rows, s, backend):
             self.every = 0 if s["skip_evaluation"] or not rows else s["eval_every"]
             self.trainer = None  # set by progress.watch: the results are logged through it
             self.keeper = best.Keeper(s["output_dir"], model, tokenizer)
-            self.stopped_early = None  # the line that says why, once --stop-after-worse ended the run
 
         def on_train_begin(self, args, state, control, **kwargs):
             if not self.every:
@@ -115,10 +114,8 @@ def evaluation(model, tokenizer, rows, s, backend):
             if not distributed.anyone(distributed.is_main() and self.keeper.worse_in_a_row >= k):
                 return False
             if distributed.is_main():
-                self.stopped_early = (f"stopped early at step {state.global_step}: {k} evaluation{'s' * (k > 1)} "
-                                      f"in a row clearly below the best, step {self.keeper.best['step']} "
-                                      f"(--stop-after-worse {k})")
-                print(self.stopped_early, flush=True)
+                print(f"stopped early at step {state.global_step}: {k} evaluation{'s' * (k > 1)} in a row clearly "
+                      f"below the best, step {self.keeper.best['step']} (--stop-after-worse {k})", flush=True)
             return True
 
     return Evaluation()

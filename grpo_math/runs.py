@@ -158,6 +158,9 @@ def _prepare_folder(s, plan):
         for path, why in plan["incomplete"]:
             shutil.rmtree(path)
             print(f"skipped {os.path.basename(path)}: incomplete ({why}), removed")
+        if plan["action"] == "reuse":  # started again from step 0: the adapter kept before is not this run's
+            for name in ("best", "best.new", "best.old"):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
     what = describe(s, plan)
     if what:

@@ -203,3 +203,21 @@ def test_split_held_out_drops_repeated_and_excluded_questions():
     report, select, rest = split_held_out(rows, 2, 2, exclude={"c"})
     assert [r["question"] for r in report] == ["a", "b"] and [r["question"] for r in select] == ["d", "e"]
     assert [r["question"] for r in rest] == ["c", "f", "g"]  # the repeats of a and b are dropped
+
+
+def test_a_kill_while_the_best_is_swapped_in_leaves_one_whole_best(tmp_path):
+    """save() writes best.new/, moves best/ to best.old/ and best.new/ into place: a kill between any two
+    of these leaves a run whose newest complete best read() puts back."""
+    def folder(name, step):
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / best.BEST_FILE).write_text(json.dumps({"step": step}))
+
+    folder("best.old", 2)  # killed after the first rename
+    folder("best.new", 4)
+    assert best.read(str(tmp_path))["step"] == 4 and sorted(os.listdir(tmp_path)) == ["best", "best.old"]
+    best.save(str(tmp_path), None, None, {"step": 6})  # the next save clears what was left
+    assert best.read(str(tmp_path))["step"] == 6 and os.listdir(tmp_path) == ["best"]
+    os.rename(tmp_path / "best", tmp_path / "best.old")  # killed with only the old one
+    os.makedirs(tmp_path / "best.new")  # and a new one not yet complete (no best.json)
+    assert best.read(str(tmp_path))["step"] == 6
+    assert best.read(str(tmp_path / "none")) is None

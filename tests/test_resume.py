@@ -188,15 +188,18 @@ def test_a_folder_that_is_not_a_run_is_refused(tmp_path):
 
 
 def test_a_run_that_stopped_before_its_first_checkpoint_is_started_again(tmp_path):
-    """Only config.json (and an incomplete checkpoint): nothing is lost by starting it again, with
-    or without --resume, instead of refusing both ways."""
+    """Only config.json (an incomplete checkpoint, the adapter kept at step 1): nothing is lost by starting
+    it again, with or without --resume, instead of refusing both ways. The kept adapter goes: it is not the
+    new run's, which may not select one."""
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "best.json").write_text('{"step": 1}')
     for resume in (False, True):
         plan = runs.inspect_run(settings(tmp_path, resume=resume))
         assert plan["action"] == "reuse" and plan["checkpoint"] is None
     runs.prepare_run(settings(tmp_path), plan)
-    assert sorted(os.listdir(tmp_path)) == ["config.json"]  # the unloadable checkpoint is gone
+    assert sorted(os.listdir(tmp_path)) == ["config.json"]  # the unloadable checkpoint and best/ are gone
 
 
 def test_a_run_with_a_checkpoint_is_not_reused(tmp_path):
