@@ -16,6 +16,7 @@ What an export needs, checked before training where it can be (check_exports):
 """
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -113,18 +114,19 @@ def retry_command(run_dir, merged=False, gguf=None, checkpoint="best"):
 
 def export_run(model, tokenizer, run_dir, backend, model_name, merged=False, gguf=None, kept=None,
                checkpoint="best"):
-    """Every export asked for, of ``model``: the kept adapter (``kept``, best.json's record) where the run
-    selected one, else the last. A failure is reported with how to retry, and the next one still runs.
-    Returns the flags that failed. When the base model was kept, there is nothing trained to export."""
+    """Every export asked for, of ``model``: the adapter the run kept (``kept``, best.json's record), or the
+    last where ``kept`` is None. A failure is reported with how to retry (``checkpoint``: the flag that
+    loaded it), and the next one still runs. Returns the flags that failed. When the base model was kept,
+    there is nothing trained to export."""
     from grpo_math import best
 
-    if (merged or gguf) and kept is not None and not kept["adapter"] and checkpoint == "best":
+    if (merged or gguf) and kept is not None and not kept["adapter"]:
         print(f"no export: no step beat the base model on the held-out questions, so the run kept the base model "
               f"and has no trained weights to merge. {retry_command(run_dir, merged, gguf, 'last')} exports the "
               "last adapter")
         return []
-    adapter_dir = os.path.join(run_dir, best.BEST_DIR) if kept is not None and kept["adapter"] and \
-        checkpoint == "best" else run_dir
+    adapter_dir = run_dir if kept is None else os.path.join(run_dir, best.BEST_DIR)
+    retry = functools.partial(retry_command, run_dir, checkpoint=checkpoint)
     failed = []
     if merged:
         try:
@@ -132,7 +134,7 @@ def export_run(model, tokenizer, run_dir, backend, model_name, merged=False, ggu
         except Exception as e:
             failed.append("--save-merged")
             print(f"--save-merged failed ({type(e).__name__}: {e}). Nothing else was lost: the adapter, stats, plot "
-                  f"and evaluation are in {run_dir}. Try again with: {retry_command(run_dir, merged=True, checkpoint=checkpoint)}")
+                  f"and evaluation are in {run_dir}. Try again with: {retry(merged=True)}")
     if gguf:
         try:
             for path in save_gguf(model, tokenizer, run_dir, gguf):
@@ -140,7 +142,7 @@ def export_run(model, tokenizer, run_dir, backend, model_name, merged=False, ggu
         except Exception as e:
             failed.append("--save-gguf")
             print(f"--save-gguf failed ({type(e).__name__}: {e}). Nothing else was lost: the adapter, stats, plot "
-                  f"and evaluation are in {run_dir}. Try again with: {retry_command(run_dir, gguf=gguf, checkpoint=checkpoint)}")
+                  f"and evaluation are in {run_dir}. Try again with: {retry(gguf=gguf)}")
     return failed
 
 

@@ -31,10 +31,11 @@ smoke=True in DEFAULTS is --smoke; main(["--resume"]) in a later cell continues 
 notebooks/train_gsm8k.ipynb).
 
 Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.
-Outputs (one run folder): the LoRA adapter and tokenizer, config.json, training_stats.json,
-rewards.png, the two newest checkpoint-N/ folders and eval.json. Reload the adapter with
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL), RUN_DIR)
-Export it with --save-merged or --save-gguf q4_k_m, or later: python export.py RUN_DIR --merged
+Outputs (one run folder): the last step's LoRA adapter and tokenizer, best/ (the adapter the run kept:
+the best on held-out questions, or only best.json when no step beat the base model), config.json,
+training_stats.json, rewards.png, the two newest checkpoint-N/ folders and eval.json. Reload with
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL), RUN_DIR + "/best")
+Export the kept one with --save-merged or --save-gguf q4_k_m, or later: python export.py RUN_DIR --merged
 Expect a reward near the format terms only for the first tens of steps; correctness comes later.
 """
 
