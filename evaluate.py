@@ -48,8 +48,8 @@ merged copy of the model (grpo_math/vllm_engine.py); the ensemble and the perple
 states and logits, so they stay on transformers.
 
 --tools calculator: every agent answers again, greedy, with the calculator callable (grpo_math/tools.py).
-quick_eval is the training scripts' smaller check of a run: the first agent's greedy answers on
-held-out rows, graded the same way (rewards.is_correct, as the training reward), with no votes.
+The prompts, the generation and quick_eval, the training scripts' smaller check of a run (the first
+agent's greedy answers on held-out rows, graded the same way, with no votes), are grpo_math/evaluation.py's.
 """
 
 import argparse
@@ -57,12 +57,12 @@ import json
 import os
 import time
 
-import torch
-
 from agents import _ensemble_ids  # ensemble_generate's loop, which also returns the token ids
-from agents import WORKED_EXAMPLES, build_prompt, get_agents
+from agents import WORKED_EXAMPLES, get_agents
 from data import GSM8K_HUB_ID, load_questions, synthetic_problems  # noqa: F401  (load_questions: evaluate's API)
 from grpo_math.answers import grade, strict_answer  # noqa: F401  (strict_answer: evaluate's API)
+from grpo_math.evaluation import (  # noqa: F401  (cut_at_stop, quick_eval: evaluate's API, shared with training)
+    STOPS, cut_at_stop, generate_answers, quick_eval, render)
 from grpo_math.hub import HubUnavailable
 from grpo_math import best
 from grpo_math import tools as tool_calls
@@ -70,10 +70,6 @@ from grpo_math.models import check_source, load_adapter, load_pretrained, vllm_a
 from grpo_math.report import compare, write_reports
 from grpo_math.scoring import agent_accuracy, reference_perplexity, run_matched, score
 from grpo_math.vllm_engine import answer_engine
-from rewards import SOLUTION_END, STOP_TAG
-
-# Generation stops once the answer is closed: nothing after it is graded.
-STOPS = {"chat": (SOLUTION_END,), "xml": (STOP_TAG,)}
 
 
 def parse_args(argv=None):
@@ -171,42 +167,6 @@ def parse_args(argv=None):
     return args
 
 
-def render(tokenizer, instruction, question, style, examples=0):
-    """The prompt text the model sees: the chat template applied, or the xml form after any BOS."""
-    prompt = build_prompt(instruction, question, style, examples)
-    if style == "chat":
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    return (tokenizer.bos_token or "") + prompt
-
-
-def cut_at_stop(text, stop):
-    """``text`` up to and including its first stop string."""
-    hits = [text.index(s) + len(s) for s in stop if s in text]
-    return text[: min(hits)] if hits else text
-
-
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=16, samples=1, temperature=0.0,
-                     stop=(), seed=0):
-    """``samples`` (text, token count) completions per rendered prompt, greedy at temperature 0."""
-    rows = [p for p in prompts for _ in range(samples)]
-    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    device = next(model.parameters()).device
-    ends = {tokenizer.pad_token_id, tokenizer.eos_token_id}
-    torch.manual_seed(seed)
-    done = []
-    for i in range(0, len(rows), batch_size):
-        enc = tokenizer(rows[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=False).to(device)  # the prompts are fully rendered
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             stop_strings=list(stop) or None, tokenizer=tokenizer, **sampling)
-        for ids in out[:, enc["input_ids"].shape[1] :].tolist():
-            length = next((i for i, t in enumerate(ids) if t in ends), len(ids))  # then eos or padding
-            done.append((cut_at_stop(tokenizer.decode(ids[:length], skip_special_tokens=True), stop), length))
-    return [done[j * samples : (j + 1) * samples] for j in range(len(prompts))]
-
-
 def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max_new_tokens=256, batch_size=16,
              samples=1, temperature=0.0, seed=0, ensemble=True, examples=0, matched_compute=False, perplexity=True,
              engine=None, tools=(), max_tool_calls=3):
@@ -279,26 +239,6 @@ def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max
     summary["calibration"] = {"n": len(calibration), "seconds": calibration_s, "accuracy": weights}
     summary["questions"] = records
     return summary
-
-
-def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens, examples=0, tools=(), max_tool_calls=3):
-    """Greedy answers of the first agent on held-out rows, generated and graded as evaluate() does
-    (rewards.extract_answer and is_correct): accuracy and format compliance. With ``tools``, the model
-    may call them, as in training (--tools), and each record keeps its calls."""
-    instruction = next(iter(get_agents(agents).values()))
-    if tools:
-        answers = tool_calls.answer_with_tools(model, tokenizer, [build_prompt(instruction, r["question"], style,
-                                               examples) for r in rows], tools, max_new_tokens, max_tool_calls,
-                                               stop=STOPS[style])
-    else:
-        prompts = [render(tokenizer, instruction, r["question"], style, examples) for r in rows]
-        answers = [(text, tokens, None) for [(text, tokens)] in generate_answers(
-            model, tokenizer, prompts, max_new_tokens, batch_size=8, stop=STOPS[style])]
-    records = [{"question": r["question"], "gold": r["answer"], **grade(text, r["answer"], style, tokens),
-                **({"tool_calls": calls} if tools else {})} for r, (text, tokens, calls) in zip(rows, answers)]
-    n = len(records)
-    return {"n": n, "agent": instruction, "accuracy": sum(r["correct"] for r in records) / n,
-            "format_compliance": sum(r["strict_answer"] is not None for r in records) / n, "records": records}
 
 
 def main(argv=None):

@@ -22,12 +22,15 @@ Training
 
 Grading and reporting
     answers       extract_answer -> is_correct, and the answer tags: the rewards and the evaluation share them
+    evaluation    the answers both evaluations grade: render, generate_answers (cut at the stop), quick_eval for
+                  training's held-out check; evaluate.py adds the votes and the ensemble
     scoring       an evaluation's figures: per agent, votes, pass@k, matched compute, reference perplexity
     intervals     Wilson intervals, the paired bootstrap and McNemar's test
     report        eval.json, eval.md and eval.png
     vllm_engine   evaluate.py --engine vllm: the agents' answers from vLLM, over a merged copy of the model
 
-The modules import the kit's top-level files (agents, data, rewards, evaluate) by name, so the kit's
-folder must be on sys.path: it is for `python train_gsm8k.py` (from any folder), `python -m
-bench.bench` run in the kit's folder, and a notebook whose working folder is the kit's.
+The modules import the kit's top-level plug-ins (agents, data, rewards) by name, so the kit's folder
+must be on sys.path: it is for `python train_gsm8k.py` (from any folder), `python -m bench.bench` run
+in the kit's folder, and a notebook whose working folder is the kit's. They never import a command
+(evaluate, export): what a command shares with training lives here.
 """

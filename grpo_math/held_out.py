@@ -6,7 +6,8 @@
     evaluation(model, tokenizer, rows, s, backend)
         the trainer callback that scores the selection rows (--select-examples of them, never trained
         on, apart from the --eval-examples of the quick evaluation after training) at those steps:
-        the first agent's greedy answers, graded with rewards.is_correct, as evaluate.quick_eval does.
+        the first agent's greedy answers (evaluation.quick_eval), graded with rewards.is_correct as
+        evaluate.py grades.
         Each result goes to best.Keeper, which keeps the best adapter in RUN/best/ and counts the
         evaluations clearly below it for --stop-after-worse. Off with --eval-every 0,
         --select-examples 0 or --skip-evaluation.
@@ -42,8 +43,8 @@ import time
 
 import torch
 
-from evaluate import quick_eval
 from grpo_math import best, distributed, tools
+from grpo_math.evaluation import quick_eval
 
 ACCURACY, FORMAT, SECONDS = "eval/accuracy", "eval/format_compliance", "eval/seconds"
 BEST_STEP = "eval/best_step"  # the step kept so far (best.py), 0 while it is the base model

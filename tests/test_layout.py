@@ -19,6 +19,8 @@ MAX_LINES = 350
 SCRIPTS = ("train_gsm8k.py", "train_synthetic.py")
 # The top level: the recipes, the files users edit, the commands run after training.
 TOP_LEVEL = {*SCRIPTS, "rewards.py", "agents.py", "data.py", "evaluate.py", "export.py"}
+# The commands run after training: the plumbing never imports them.
+COMMANDS = ("evaluate", "export")
 
 
 def pep723_dependencies(path):
@@ -63,6 +65,28 @@ def test_the_package_map_names_every_module(package):
     with open(os.path.join(folder, "__init__.py")) as f:
         mapped = set(re.findall(r"(?m)^    (\w+)  ", ast.get_docstring(ast.parse(f.read()))))
     assert mapped == modules
+
+
+def imported_modules(path):
+    """Every module a file imports by absolute name, at its top or inside a function."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_the_plumbing_imports_no_command():
+    """Imports run one way: the commands import grpo_math/, never the reverse. What a command shares
+    with training (evaluate.py's generation and grading, quick_eval) lives in the package."""
+    found = {os.path.relpath(p, ROOT): sorted(name for name in imported_modules(p) if name.split(".")[0] in COMMANDS)
+             for p in glob.glob(os.path.join(ROOT, "grpo_math", "*.py"))}
+    assert "grpo_math/held_out.py" in found
+    assert {path: names for path, names in found.items() if names} == {}
 
 
 def test_no_module_is_over_350_lines():

@@ -1,0 +1,80 @@
+"""The answers both evaluations grade: evaluate.py's, and training's held-out check (held_out.py and the
+quick evaluation after training).
+
+    render(tokenizer, instruction, question, style)
+        the prompt text the model sees: the chat template applied, or the xml form
+    generate_answers(model, tokenizer, prompts, max_new_tokens, ...)
+        completions from transformers' generate(), cut after the first stop (STOPS: the closed answer)
+        and their token counts; vllm_engine.py returns the same from vLLM
+    quick_eval(model, tokenizer, rows, agents, style, max_new_tokens)
+        the training scripts' smaller check of a run: the first agent's greedy answers on held-out rows,
+        graded as evaluate.py grades (rewards.is_correct, as the training reward), with no votes
+
+They live here, not in evaluate.py, so that training reaches them without importing a command.
+"""
+
+import torch
+
+from agents import build_prompt, get_agents
+from grpo_math import tools as tool_calls
+from grpo_math.answers import grade
+from rewards import SOLUTION_END, STOP_TAG
+
+# Generation stops once the answer is closed: nothing after it is graded.
+STOPS = {"chat": (SOLUTION_END,), "xml": (STOP_TAG,)}
+
+
+def render(tokenizer, instruction, question, style, examples=0):
+    """The prompt text the model sees: the chat template applied, or the xml form after any BOS."""
+    prompt = build_prompt(instruction, question, style, examples)
+    if style == "chat":
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return (tokenizer.bos_token or "") + prompt
+
+
+def cut_at_stop(text, stop):
+    """``text`` up to and including its first stop string."""
+    hits = [text.index(s) + len(s) for s in stop if s in text]
+    return text[: min(hits)] if hits else text
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=16, samples=1, temperature=0.0,
+                     stop=(), seed=0):
+    """``samples`` (text, token count) completions per rendered prompt, greedy at temperature 0."""
+    rows = [p for p in prompts for _ in range(samples)]
+    sampling = dict(do_sample=True, temperature=temperature) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    device = next(model.parameters()).device
+    ends = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    torch.manual_seed(seed)
+    done = []
+    for i in range(0, len(rows), batch_size):
+        enc = tokenizer(rows[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=False).to(device)  # the prompts are fully rendered
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                             stop_strings=list(stop) or None, tokenizer=tokenizer, **sampling)
+        for ids in out[:, enc["input_ids"].shape[1] :].tolist():
+            length = next((i for i, t in enumerate(ids) if t in ends), len(ids))  # then eos or padding
+            done.append((cut_at_stop(tokenizer.decode(ids[:length], skip_special_tokens=True), stop), length))
+    return [done[j * samples : (j + 1) * samples] for j in range(len(prompts))]
+
+
+def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens, examples=0, tools=(), max_tool_calls=3):
+    """Greedy answers of the first agent on held-out rows, generated and graded as evaluate.py does
+    (rewards.extract_answer and is_correct): accuracy and format compliance. With ``tools``, the model
+    may call them, as in training (--tools), and each record keeps its calls."""
+    instruction = next(iter(get_agents(agents).values()))
+    if tools:
+        answers = tool_calls.answer_with_tools(model, tokenizer, [build_prompt(instruction, r["question"], style,
+                                               examples) for r in rows], tools, max_new_tokens, max_tool_calls,
+                                               stop=STOPS[style])
+    else:
+        prompts = [render(tokenizer, instruction, r["question"], style, examples) for r in rows]
+        answers = [(text, tokens, None) for [(text, tokens)] in generate_answers(
+            model, tokenizer, prompts, max_new_tokens, batch_size=8, stop=STOPS[style])]
+    records = [{"question": r["question"], "gold": r["answer"], **grade(text, r["answer"], style, tokens),
+                **({"tool_calls": calls} if tools else {})} for r, (text, tokens, calls) in zip(rows, answers)]
+    n = len(records)
+    return {"n": n, "agent": instruction, "accuracy": sum(r["correct"] for r in records) / n,
+            "format_compliance": sum(r["strict_answer"] is not None for r in records) / n, "records": records}
