@@ -61,8 +61,7 @@ from agents import _ensemble_ids  # ensemble_generate's loop, which also returns
 from agents import WORKED_EXAMPLES, get_agents
 from data import GSM8K_HUB_ID, load_questions, synthetic_problems  # noqa: F401  (load_questions: evaluate's API)
 from grpo_math.answers import grade, strict_answer  # noqa: F401  (strict_answer: evaluate's API)
-from grpo_math.evaluation import (  # noqa: F401  (cut_at_stop, quick_eval: evaluate's API, shared with training)
-    STOPS, cut_at_stop, generate_answers, quick_eval, render)
+from grpo_math.evaluation import STOPS, generate_answers, render
 from grpo_math.hub import HubUnavailable
 from grpo_math import best
 from grpo_math import tools as tool_calls

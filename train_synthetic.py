@@ -46,12 +46,13 @@ from datasets import Dataset
 import export
 from agents import expand_agents
 from data import synthetic_held_out, synthetic_problems
-from evaluate import quick_eval
 from rewards import STOP_TAG, get_reward_funcs
 
 # The plumbing, in grpo_math/: its __init__ says what each module holds.
 from grpo_math import best, distributed, held_out, models, progress, runs, tools
+from grpo_math.evaluation import quick_eval
 from grpo_math.grpo_trainer import generation_args, make_trainer_class
+from grpo_math.prompt_budget import fit_prompts
 from grpo_math.settings import bad_input_refused, check_enough_data, parse_settings
 
 # ---- settings: edit here, or pass the flags (python train_synthetic.py --help) ----
@@ -169,6 +170,9 @@ def main(argv=None):
     # 3. The agents' prompts: each problem once per agent, in the XML-tag form.
     prompts = expand_agents(train_rows, s["agents"], s["agent_sampling"], s["seed"], style=s["prompt_style"],
                             examples=s["worked_examples"])
+    # Their length in tokens, as the trainer renders them: the longest (within --max-prompt-length, which leaves
+    # longer ones out) + --max-completion-length is the context Unsloth gives vLLM (s["max_seq_length"]).
+    prompts = fit_prompts(s, prompts)
     dataset = Dataset.from_list(prompts)
     check_enough_data(s, len(train_rows), len(eval_rows) + len(select_rows), len(dataset))
 

@@ -26,6 +26,7 @@ import torch
 import train_gsm8k
 from grpo_math import models
 from grpo_math.grpo_trainer import make_trainer_class
+from grpo_math.prompt_budget import fit_prompts
 from grpo_math.runs import write_json_atomic
 from grpo_math.settings import COMMON_DEFAULTS, validate
 from rewards import get_reward_funcs
@@ -168,22 +169,22 @@ def run_worker(backend, folder, result_path, bandwidth):
         torch.cuda.reset_peak_memory_stats()
     max_steps = a["warmup"] + a["steps"] + a["profile"]
     vllm = {"trl": "off", "trl-vllm": "on"}.get(backend, "auto")  # trl alone is the cookbook recipe, without vLLM
-    s = validate({  # also sets max_seq_length, Unsloth's (and vLLM's) context: prompt + completion
+    s = validate({
         **COMMON_DEFAULTS, **train_gsm8k.DEFAULTS, "model_name": folder, "backend": backend.removesuffix("-vllm"),
         "vllm": vllm, "max_steps": max_steps, "compile": a.get("compile", "auto"),
         "num_generations": a["num_generations"], "batch_size": a["num_generations"], "lora_rank": a["lora_rank"],
         "max_completion_length": a["completion_length"], "output_dir": os.path.join(folder, f"run-{backend}"),
         "save_steps": 10**9,  # no checkpoints
-        "max_prompt_length": max(256, a["prompt_length"] + 32),  # sizes Unsloth's (and vLLM's) max_seq_length
     })
     backend, reason = models.pick_backend(s)  # imports unsloth, when used, before trl
     print(f"{backend} imported: {time.perf_counter() - STARTED:.0f} s since the worker started", flush=True)
+    with open(os.path.join(folder, "bench_prompts.json")) as f:
+        prompts = json.load(f)
+    prompts = fit_prompts(s, prompts)  # as the scripts: Unsloth's (and vLLM's) context, the longest prompt + completion
     model, tokenizer, vllm = models.load_model(s, backend)
     loaded_s = time.perf_counter() - STARTED
     print(f"model loaded: {loaded_s:.0f} s since the worker started", flush=True)
 
-    with open(os.path.join(folder, "bench_prompts.json")) as f:
-        prompts = json.load(f)
     trainer, timer, timed_method = train(s, backend, model, tokenizer, vllm, prompts, max_steps,
                                          profile_step=max_steps if a["profile"] else None)
 

