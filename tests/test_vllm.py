@@ -13,7 +13,7 @@ import pytest
 import evaluate
 import train_synthetic
 from bench.vllm_agreement import agreement
-from grpo_math import models, settings
+from grpo_math import models, progress, settings
 from rewards import STOP_TAG
 from conftest import need_vllm, run_script, stats_of
 
@@ -23,10 +23,10 @@ AGENTS = {"step_by_step", "concise", "verify", "teacher"}
 TRAIN = ["--smoke", "--vllm", "on", "--max-steps", "3", "--learning-rate", "0.05"]
 
 
-def harness(tmp_path, script, *flags, crafted=False):
+def harness(tmp_path, script, *flags, crafted=False, sync=True):
     need_vllm()
     out, run = tmp_path / "vllm.json", tmp_path / "run"
-    crafted = {False: [], True: ["--crafted"], "tools": ["--crafted-tools"]}[crafted]
+    crafted = {False: [], True: ["--crafted"], "tools": ["--crafted-tools"]}[crafted] + ([] if sync else ["--no-sync"])
     proc = run_script("tests/vllm_cpu.py", "--out", str(out), *crafted, script,
                       *TRAIN, "--output-dir", str(run), *flags)
     return json.loads(out.read_text()), proc.stdout, str(run)
@@ -40,7 +40,9 @@ def assert_trained_through_vllm(record, stdout, run):
         agents = {k.split("/")[1] for k in entry if k.startswith("agents/")}
         assert agents and agents <= AGENTS  # each step's agents' mean rewards, as without vLLM
         assert "sampling/importance_sampling_ratio/mean" in entry  # TRL's correction for vLLM's sampling
+        assert entry[progress.DRIFT] < progress.DRIFT_THRESHOLD / 10 and "warning" not in entry  # measured: < 0.001
     assert any(e["grad_norm"] > 0 for e in stats)
+    assert "sampler drift" not in stdout and "vLLM is not sampling" not in stdout
     # After each sync, vLLM's every linear layer computes what the trained weights, LoRA merged, do (up to
     # bf16 rounding). The first sync, before any step, holds the base; the last, after step 2, holds weights
     # that moved: some layer is then far from the base.
@@ -69,6 +71,19 @@ def test_grpo_with_vllm_in_the_chat_form(tmp_path):
     assert "stop" not in record["sampling"]
     assert len(record["completions"]) == 3 * 4 and len(set(record["completions"])) > 1
     assert_trained_through_vllm(record, stdout, run)
+
+
+def test_a_sampler_that_never_learns_is_warned_about(tmp_path):
+    """A weight sync that does nothing (a stand-in, as when vLLM holds 4-bit weights the sync cannot move):
+    vLLM samples from the base model while the LoRA trains. From step 3, the first to sample after the
+    weights moved, the trained model's log-probabilities drift from vLLM's, and the run says so once."""
+    record, stdout, run = harness(tmp_path, "train_gsm8k.py", sync=False)
+    assert max(record["syncs"][-1]["base"].values()) < 0.02  # vLLM still holds the base model
+    stats = stats_of(run)[1:]
+    assert [e[progress.DRIFT] < progress.DRIFT_THRESHOLD for e in stats] == [True, True, False]
+    assert [("warning" in e) for e in stats] == [False, False, True]
+    assert "vLLM is not sampling from the weights being trained" in stats[-1]["warning"]
+    assert stdout.count("sampler drift") == 1 and stdout.count("vLLM is not sampling") == 1
 
 
 def test_grpo_with_vllm_calls_the_calculator(tmp_path):
@@ -194,6 +209,7 @@ def test_unsloths_vllm_path_runs_on_a_cpu_up_to_its_training_forward(tmp_path):
     assert lora["vllm_lora"] == lora["peft"] and lora["vllm_lora"] != lora["vllm_base"]
     assert r["training"]["trainer"] == "UnslothGRPOTrainer" and r["training"]["use_vllm"] is True
     assert len(r["training"]["rollouts"]) == 4 and r["training"]["trained"] is False  # vLLM wrote them; no step
+    assert r["training"]["importance_sampling"] == [True, "token_truncate", 2.0]  # the kit's, not Unsloth's default
     (rope, kernel) = r["blocked"]
     assert rope["where"].endswith("unsloth/models/llama.py:2296") and rope["exception"].startswith("TypeError")
     assert kernel["where"].endswith("unsloth/kernels/rms_layernorm.py:502")

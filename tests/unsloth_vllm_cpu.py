@@ -17,7 +17,9 @@ RESULT.json then records:
               them, against transformers + PEFT with the saved adapter, in a child process without
               unsloth (Unsloth rewrites Qwen2's forward for the whole process)
   training    one GRPO step of UnslothGRPOTrainer with the kit's GRPOConfig: whether vLLM wrote the
-              rollouts (it does), and whether the step trained (it fails in the model's forward)
+              rollouts (it does), the importance sampling the trainer took from that config, and
+              whether the step trained (it fails in the model's forward: the trained model's
+              log-probabilities of the rollouts, for the importance sampling)
   blocked     that failure and the next, Unsloth's RMSNorm kernel called on its own, each with its
               exception and deciding line (below)
 
@@ -182,6 +184,7 @@ def grpo_step(model, tokenizer, prompts, folder):
     stopped it. trl's GRPOTrainer, not the kit's subclass, which without CUDA replaces the weight sync
     of TRL's colocate mode with its own (grpo_trainer.sync_vllm_weights), as it never does on a GPU."""
     import trl
+    import vllm
     from datasets import Dataset
 
     import train_synthetic
@@ -191,19 +194,26 @@ def grpo_step(model, tokenizer, prompts, folder):
     s = settings.parse_settings("test", train_synthetic.DEFAULTS, [
         "--smoke", "--max-steps", "1", "--output-dir", os.path.join(folder, "run")], train_synthetic.add_args)
     rollouts = []
+    generate = vllm.LLM.generate
 
-    def recorded_reward(completions, **kwargs):
-        rollouts.extend(completions)
-        return unique_chars_reward(completions, **kwargs)
+    def recorded_generate(self, *args, **kwargs):  # the trainer's rollouts, as vLLM returns them
+        out = generate(self, *args, **kwargs)
+        rollouts.extend(o.text for request in out for o in request.outputs)
+        return out
 
-    trainer = trl.GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[recorded_reward],
+    trainer = trl.GRPOTrainer(model=model, processing_class=tokenizer, reward_funcs=[unique_chars_reward],
                               args=train_synthetic.grpo_config(s, "unsloth", tokenizer, vllm=True),
                               train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
-    record = {"trainer": type(trainer).__name__, "use_vllm": trainer.use_vllm, "rollouts": rollouts}
+    record = {"trainer": type(trainer).__name__, "use_vllm": trainer.use_vllm, "rollouts": rollouts,
+              "importance_sampling": [trainer.vllm_importance_sampling_correction, trainer.args.vllm_importance_sampling_mode,
+                                      trainer.args.vllm_importance_sampling_clip_max]}
+    vllm.LLM.generate = recorded_generate
     try:
         trainer.train()
     except Exception as e:
         return {**record, "trained": False}, blocker("one GRPO step of UnslothGRPOTrainer", e)
+    finally:
+        vllm.LLM.generate = generate
     return {**record, "trained": True}, None
 
 

@@ -12,6 +12,9 @@ Nothing is stood in for vLLM or TRL. The harness only watches, and records in RE
                the trained weights with the LoRA merged ("trained") and of the base weights alone
                ("base"), as the largest difference over the largest value of either reference
 
+--no-sync stands in a weight sync that does nothing, as a sampler that never learns: vLLM samples from
+the base model all run long.
+
 --crafted replaces the tiny model with one whose next token depends only on the current one (its
 attention and MLP outputs are zero, and its untied output layer maps each token's embedding to its
 successors): after the prompt it writes "a" or "b" at random, writes "</response>" with probability
@@ -153,6 +156,8 @@ def main():
     p.add_argument("--out", required=True, help="RESULT.json")
     p.add_argument("--crafted", action="store_true", help="the state-machine model (module docstring)")
     p.add_argument("--crafted-tools", action="store_true", help="the tool-calling state machine (module docstring)")
+    p.add_argument("--no-sync", action="store_true",
+                   help="a stand-in for the weight sync that does nothing: vLLM keeps sampling from the base model")
     p.add_argument("script", help="train_synthetic.py or train_gsm8k.py")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the script's flags")
     args = p.parse_args()
@@ -181,7 +186,8 @@ def main():
     sync = grpo_trainer.sync_vllm_weights
 
     def checked_sync(generation):
-        sync(generation)
+        if not args.no_sync:
+            sync(generation)
         runner = generation.llm.llm_engine.model_executor.driver_worker.model_runner
         record["syncs"].append(linear_errors(runner.model, generation.model))
 
