@@ -26,7 +26,9 @@ The stand-ins, the complete list (README.md points here), each because it cannot
      CUDA device about itself. It gives the tiny offline Qwen2 model, in the dtype Unsloth's loader
      picks for the simulated card (fp16 below capability 8.0, even when bf16 is asked for), and
      records its arguments.
-  3. models.check_source, the kit's hub check before loading, lets the stand-in's model name through.
+  3. models.check_source, the kit's hub check before loading, lets the stand-in's model name through,
+     and models.load_tokenizer, which the prompt budget calls before the model loads, gives the tiny
+     model's tokenizer for it.
   4. FastLanguageModel.get_peft_model: it only takes a model from the real from_pretrained. PEFT LoRA
      with the arguments the kit passes, then what Unsloth attaches: for_training/for_inference and
      its saving functions (save_pretrained_merged, save_pretrained_gguf). The model says it is
@@ -130,6 +132,8 @@ def stand_in_unsloth_loading(capability, calls, script=None, base_dir=None, lora
     from grpo_math import models
 
     models.check_source = lambda name: None  # the stand-in model's name is on no hub
+    load_tokenizer = models.load_tokenizer
+    models.load_tokenizer = lambda name: load_tokenizer("tiny")  # the tiny model's, for the prompt budget
 
     def from_pretrained(model_name, max_seq_length=None, dtype=None, load_in_4bit=False, fast_inference=False,
                         **kwargs):
