@@ -63,9 +63,9 @@ from data import GSM8K_HUB_ID, load_questions, synthetic_problems  # noqa: F401 
 from grpo_math.answers import grade, strict_answer  # noqa: F401  (strict_answer: evaluate's API)
 from grpo_math.evaluation import STOPS, generate_answers, render
 from grpo_math.hub import HubUnavailable
-from grpo_math import best
+from grpo_math import best, families
 from grpo_math import tools as tool_calls
-from grpo_math.models import check_source, load_adapter, load_pretrained, vllm_available
+from grpo_math.models import check_source, load_adapter, load_pretrained, load_tokenizer, vllm_available
 from grpo_math.report import compare, write_reports
 from grpo_math.scoring import agent_accuracy, reference_perplexity, run_matched, score
 from grpo_math.vllm_engine import answer_engine
@@ -96,6 +96,9 @@ def parse_args(argv=None):
                    help="agent count (the first N of agents.AGENT_SETS), a set name or instructions joined by '|'")
     g.add_argument("--prompt-style", choices=["chat", "xml"], default="chat",
                    help="chat: system prompt asking for <SOLUTION>N</SOLUTION>; xml: <question>...<response> form")
+    g.add_argument("--thinking", action="store_true", help="Qwen3: think in a <think> block before answering (the "
+                   "grading reads what follows it); off by default, as in training. On by itself for a run trained "
+                   "with --thinking")
     g.add_argument("--max-new-tokens", type=int, default=256, help="completion budget; lower it for a faster CPU run")
     g.add_argument("--batch-size", type=int, default=16, help="prompts per generate call; lower it if out of memory")
     g.add_argument("--samples", type=int, default=1,
@@ -156,6 +159,9 @@ def parse_args(argv=None):
         p.error(str(e))
     if args.matched_compute and len(args.agent_dict) < 2:
         p.error("--matched-compute pits K agents against one agent's K samples: give --agents 2 or more")
+    if args.adapter and not args.thinking and trained_thinking(args.adapter):
+        args.thinking = True
+        print(f"--thinking: {args.adapter} was trained with it, so its answers are asked for as it was trained")
     if args.out is None:
         args.out = os.path.join(args.adapter, "eval") if args.adapter else \
             "eval-" + os.path.basename(os.path.normpath(args.model_name))
@@ -166,9 +172,18 @@ def parse_args(argv=None):
     return args
 
 
+def trained_thinking(run_dir):
+    """Whether the run in ``run_dir`` trained with --thinking (its config.json says so)."""
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return bool(json.load(f)["settings"].get("thinking"))
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max_new_tokens=256, batch_size=16,
              samples=1, temperature=0.0, seed=0, ensemble=True, examples=0, matched_compute=False, perplexity=True,
-             engine=None, tools=(), max_tool_calls=3):
+             engine=None, tools=(), max_tool_calls=3, thinking=False):
     """Generate, grade, vote and ensemble on ``questions``; weights come from ``calibration`` only.
     Then the matched-compute baselines and the reference solutions' perplexity (grpo_math/scoring.py).
     ``engine``: a VLLMEngine over the same model generates the agents' answers; None, generate().
@@ -177,7 +192,7 @@ def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max
 
     def ask(rows, instruction, k, temperature, seed):
         """Every row's k graded completions from one agent, and the seconds they took."""
-        prompts = [render(tokenizer, instruction, r["question"], style, examples) for r in rows]
+        prompts = [render(tokenizer, instruction, r["question"], style, examples, thinking) for r in rows]
         start = time.perf_counter()
         if engine is not None:
             outs = engine.answers(prompts, max_new_tokens, k, temperature, stop, seed)
@@ -205,7 +220,7 @@ def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max
     ensemble_s = 0.0
     if ensemble:
         for i, rec in enumerate(records, 1):
-            prompts = [render(tokenizer, ins, rec["question"], style, examples) for ins in agents.values()]
+            prompts = [render(tokenizer, ins, rec["question"], style, examples, thinking) for ins in agents.values()]
             start = time.perf_counter()
             ids, text = _ensemble_ids(model, tokenizer, prompts, max_new_tokens, stop=stop)  # greedy
             ensemble_s += time.perf_counter() - start
@@ -231,10 +246,10 @@ def evaluate(model, tokenizer, questions, calibration, agents, style="chat", max
                                              seconds) if matched_compute else None
     first = next(iter(agents.values()))  # the perplexity is taken after the first agent's prompt
     summary["reference_perplexity"] = reference_perplexity(
-        model, tokenizer, questions, records, lambda q: render(tokenizer, first, q, style, examples), style,
+        model, tokenizer, questions, records, lambda q: render(tokenizer, first, q, style, examples, thinking), style,
         batch_size) if perplexity else None
     summary["tools"] = tool_calls.compare_with_tools(model, tokenizer, records, summary, agents, tools, max_new_tokens,
-                                                     max_tool_calls, batch_size, examples) if tools else None
+                                                     max_tool_calls, batch_size, examples, thinking) if tools else None
     summary["calibration"] = {"n": len(calibration), "seconds": calibration_s, "accuracy": weights}
     summary["questions"] = records
     return summary
@@ -250,21 +265,22 @@ def main(argv=None):
     config = {k: v for k, v in vars(args).items() if k not in ("agent_dict", "tool_funcs")} | {"agents": args.agent_dict}
     print("config:", json.dumps(config))
     tool_calls.check_model(args.model_name, args.tool_funcs)  # a template that can show tools, before the model loads
+    print(families.describe(load_tokenizer(args.model_name), args.model_name, args.prompt_style, args.thinking,
+                            args.max_new_tokens))  # what differs in this model family; refuses what cannot run
     model, tokenizer = load_pretrained(args.model_name)
     tool_calls.check_tokenizer(tokenizer, args.model_name, args.tool_funcs)  # and the parser that reads them back
     model.eval()
     os.makedirs(args.out, exist_ok=True)  # once the model has loaded: a failed load leaves no empty folder
-    if args.prompt_style == "chat" and not tokenizer.chat_template:
-        raise SystemExit(f"{args.model_name} has no chat template; pass --prompt-style xml")
     settings = dict(style=args.prompt_style, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     samples=args.samples, temperature=args.temperature, seed=args.seed, ensemble=not args.no_ensemble,
                     examples=args.worked_examples, matched_compute=args.matched_compute,
-                    perplexity=not args.no_perplexity, tools=args.tool_funcs, max_tool_calls=args.max_tool_calls)
+                    perplexity=not args.no_perplexity, tools=args.tool_funcs, max_tool_calls=args.max_tool_calls,
+                    thinking=args.thinking)
     prompts = []  # with vLLM: every prompt, so that its context fits the longest
     if args.engine == "vllm":
         print("engine: vLLM generates the agents' answers, from a merged copy of the model; the ensemble and the "
               "perplexity stay on transformers")
-        prompts = [render(tokenizer, ins, q["question"], args.prompt_style, args.worked_examples)
+        prompts = [render(tokenizer, ins, q["question"], args.prompt_style, args.worked_examples, args.thinking)
                    for ins in args.agent_dict.values() for q in questions + calibration]
 
     def run(model):

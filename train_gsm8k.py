@@ -51,7 +51,7 @@ from data import GSM8K_HUB_ID, GSM8K_SAMPLE, load_gsm8k, split_held_out
 from rewards import STOP_TAG, get_reward_funcs
 
 # The plumbing, in grpo_math/: its __init__ says what each module holds.
-from grpo_math import best, distributed, held_out, models, progress, runs, tools
+from grpo_math import best, distributed, families, held_out, models, progress, runs, tools
 from grpo_math.evaluation import quick_eval
 from grpo_math.grpo_trainer import generation_args, make_trainer_class
 from grpo_math.prompt_budget import fit_prompts
@@ -110,6 +110,7 @@ def grpo_config(s, backend, tokenizer, vllm=False):
         temperature=s["temperature"],
         top_p=1.0,
         **generation_args(s, backend, tokenizer, vllm),  # vLLM where installed; the xml form stops at </response>
+        chat_template_kwargs=families.chat_kwargs(s["thinking"]),  # Qwen3: no <think> block unless --thinking
         # The loss: GRPO's group-relative advantages, with DAPO's token-level normalization.
         loss_type="dapo",                      # or "grpo", "bnpo", "dr_grpo" (with scale_rewards="none")
         scale_rewards="group",                 # divide advantages by the group's std; "none" as in Dr. GRPO
@@ -229,7 +230,8 @@ def main(argv=None):
             model = models.for_inference(model, backend)
             best.evaluate_kept(model, s["output_dir"], kept, step, lambda m: quick_eval(
                 m, tokenizer, eval_rows, s["agents"], s["prompt_style"], s["max_completion_length"],
-                examples=s["worked_examples"], tools=tools.get_tools(s["tools"]), max_tool_calls=s["max_tool_calls"]))
+                examples=s["worked_examples"], tools=tools.get_tools(s["tools"]), max_tool_calls=s["max_tool_calls"],
+                thinking=s["thinking"]))
         else:
             best.load_kept(model, s["output_dir"], kept, step)
         print(best.closing_line(s["output_dir"], kept, step))

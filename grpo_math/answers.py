@@ -8,6 +8,8 @@ evaluation share, so that the training reward and the reported accuracy cannot d
     relative_error(pred, gold) -> float     |pred - gold| / max(|gold|, 1), for partial credit
     grade(text, gold, style, tokens)        an evaluated completion's record: lenient and strict
                                             answers (strict_answer: only in the prompt's form), each graded
+    answer_part(text)                       what every one of them reads: the text after a </think>
+                                            (Qwen3's thinking, with --thinking), nothing while still thinking
 
 Also the tags of the answer format the chat prompts ask for (agents.SYSTEM_PROMPT) and the stop tag
 of the XML prompt form. rewards.py turns these into rewards.
@@ -29,6 +31,7 @@ REASONING_END = "<end_working_out>"
 SOLUTION_START = "<SOLUTION>"
 SOLUTION_END = "</SOLUTION>"
 STOP_TAG = "</response>"  # what the XML-tag prompt form ends its answer with
+THINK_START, THINK_END = "<think>", "</think>"  # Qwen3's thinking, with --thinking (grpo_math/families.py)
 
 # A number's digits: thousands commas, decimals, a percent sign. _numbers() adds the sign and
 # currency in front by hand, which is several times faster than one regex that tries both.
@@ -55,13 +58,21 @@ def completion_text(completion):
     """The text of one completion: a string, or the content of the model's last chat message. With tools
     (--tools), a completion is several turns, and a tool's result is never read as the model's answer."""
     if isinstance(completion, str):
-        return completion
+        return answer_part(completion)
     if isinstance(completion, dict):
-        return str(completion.get("content") or "")
+        return answer_part(str(completion.get("content") or ""))
     if isinstance(completion, (list, tuple)):
         own = [m for m in completion if not isinstance(m, dict) or m.get("role", "assistant") == "assistant"]
         return completion_text(own[-1]) if own else ""
     return ""
+
+
+def answer_part(text):
+    """What follows a completion's thinking, which is all that is graded: the text after its last </think>.
+    A completion that opened <think> and never closed it ran out of tokens while thinking: no answer."""
+    if THINK_END in text:
+        return text.rsplit(THINK_END, 1)[1]
+    return "" if THINK_START in text else text
 
 
 def _numbers(text):
@@ -153,6 +164,7 @@ def relative_error(pred, gold):
 
 def strict_answer(text, style):
     """The answer only when given in the prompt's required form, else None."""
+    text = answer_part(text)
     if style == "chat":
         spans = _SOLUTION_SPAN_RE.findall(text)
         return extract_answer(spans[-1]) if spans else None

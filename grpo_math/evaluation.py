@@ -1,8 +1,9 @@
 """The answers both evaluations grade: evaluate.py's, and training's held-out check (held_out.py and the
 quick evaluation after training).
 
-    render(tokenizer, instruction, question, style)
-        the prompt text the model sees: the chat template applied, or the xml form
+    render(tokenizer, instruction, question, style, examples, thinking)
+        the prompt text the model sees: the chat template applied (with the same enable_thinking as
+        training: families.chat_kwargs), or the xml form
     generate_answers(model, tokenizer, prompts, max_new_tokens, ...)
         completions from transformers' generate(), cut after the first stop (STOPS: the closed answer)
         and their token counts; vllm_engine.py returns the same from vLLM
@@ -18,17 +19,18 @@ import torch
 from agents import build_prompt, get_agents
 from grpo_math import tools as tool_calls
 from grpo_math.answers import grade
+from grpo_math.families import chat_kwargs
 from rewards import SOLUTION_END, STOP_TAG
 
 # Generation stops once the answer is closed: nothing after it is graded.
 STOPS = {"chat": (SOLUTION_END,), "xml": (STOP_TAG,)}
 
 
-def render(tokenizer, instruction, question, style, examples=0):
+def render(tokenizer, instruction, question, style, examples=0, thinking=False):
     """The prompt text the model sees: the chat template applied, or the xml form after any BOS."""
     prompt = build_prompt(instruction, question, style, examples)
     if style == "chat":
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **chat_kwargs(thinking))
     return (tokenizer.bos_token or "") + prompt
 
 
@@ -60,7 +62,8 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=16, s
     return [done[j * samples : (j + 1) * samples] for j in range(len(prompts))]
 
 
-def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens, examples=0, tools=(), max_tool_calls=3):
+def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens, examples=0, tools=(), max_tool_calls=3,
+               thinking=False):
     """Greedy answers of the first agent on held-out rows, generated and graded as evaluate.py does
     (rewards.extract_answer and is_correct): accuracy and format compliance. With ``tools``, the model
     may call them, as in training (--tools), and each record keeps its calls."""
@@ -68,9 +71,9 @@ def quick_eval(model, tokenizer, rows, agents, style, max_new_tokens, examples=0
     if tools:
         answers = tool_calls.answer_with_tools(model, tokenizer, [build_prompt(instruction, r["question"], style,
                                                examples) for r in rows], tools, max_new_tokens, max_tool_calls,
-                                               stop=STOPS[style])
+                                               stop=STOPS[style], thinking=thinking)
     else:
-        prompts = [render(tokenizer, instruction, r["question"], style, examples) for r in rows]
+        prompts = [render(tokenizer, instruction, r["question"], style, examples, thinking) for r in rows]
         answers = [(text, tokens, None) for [(text, tokens)] in generate_answers(
             model, tokenizer, prompts, max_new_tokens, batch_size=8, stop=STOPS[style])]
     records = [{"question": r["question"], "gold": r["answer"], **grade(text, r["answer"], style, tokens),

@@ -101,7 +101,8 @@ def evaluation(model, tokenizer, rows, s, backend):
             with torch.random.fork_rng(), generating(self.model, self.backend, args.gradient_checkpointing):
                 result = quick_eval(self.model, self.tokenizer, self.rows, s["agents"], s["prompt_style"],
                                     s["max_completion_length"], examples=s["worked_examples"],
-                                    tools=tools.get_tools(s["tools"]), max_tool_calls=s["max_tool_calls"])
+                                    tools=tools.get_tools(s["tools"]), max_tool_calls=s["max_tool_calls"],
+                                    thinking=s["thinking"])
             seconds = round(time.perf_counter() - start, 3)
             kept = self.keeper.update(state.global_step, result)  # a new best is saved before training goes on
             state.best_metric, state.best_global_step = kept["accuracy"], kept["step"]  # in trainer_state.json

@@ -26,6 +26,7 @@ import torch
 
 from grpo_math import distributed, hub
 from grpo_math.compiling import FIRST_STEP_NOTE, set_compile
+from grpo_math.families import fix_special_tokens
 from grpo_math.offline import (SMOLLM2, _tiny_corpus, smollm2_gguf_path, tiny_model_and_tokenizer,
                                train_tiny_tokenizer)
 
@@ -156,16 +157,6 @@ def pick_backend(s):
         print("Unsloth did not patch trl's GRPOTrainer (its warning above says why): this run trains with "
               "trl's own GRPOTrainer on the Unsloth model, without Unsloth's GRPO code and without vLLM.")
     return backend, reason
-
-def fix_special_tokens(model, tokenizer):
-    """Pad token and eos agreed between tokenizer, model config and generation config."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    for cfg in (model.config, model.generation_config):
-        cfg.eos_token_id = tokenizer.eos_token_id
-        cfg.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
-
 
 def load_kwargs(dtype=None, quantize=False):
     """from_pretrained's dtype, 4-bit and device arguments for this machine."""

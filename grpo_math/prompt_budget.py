@@ -11,7 +11,7 @@ prompts longer than N tokens, as Unsloth's GRPO notebooks do.
     fit_prompts(s, rows, tokenizer=None)       the rows that fit, and s["max_seq_length"]; one line each
 """
 
-from grpo_math import distributed, models
+from grpo_math import distributed, families, models
 from grpo_math.tools import get_tools
 
 
@@ -30,7 +30,7 @@ def trainer_chat_template(tokenizer, tools):
         return None
 
 
-def prompt_lengths(prompts, tokenizer, tools=()):
+def prompt_lengths(prompts, tokenizer, tools=(), thinking=False):
     """Each prompt's length in tokens, as TRL's GRPOTrainer._tokenize_prompts makes it: a conversation
     through the chat template, with the generation prompt and the tools' schemas; a plain-text prompt
     (--prompt-style xml) as the tokenizer encodes it."""
@@ -40,7 +40,7 @@ def prompt_lengths(prompts, tokenizer, tools=()):
         return [len(ids) for ids in tokenizer(text=list(prompts))["input_ids"]]
     encoded = tokenizer.apply_chat_template(
         conversation=list(prompts), tools=list(tools) or None, chat_template=trainer_chat_template(tokenizer, tools),
-        add_generation_prompt=True, tokenize=True, return_dict=True)
+        add_generation_prompt=True, tokenize=True, return_dict=True, **families.chat_kwargs(thinking))
     return [len(ids) for ids in encoded["input_ids"]]
 
 
@@ -49,7 +49,8 @@ def fit_prompts(s, rows, tokenizer=None):
     s["max_seq_length"] = the longest of them + --max-completion-length. ``tokenizer``: by default
     --model-name's, loaded alone. Refuses (SystemExit, one line) a --max-prompt-length no prompt fits."""
     tokenizer = tokenizer or models.load_tokenizer(s["model_name"])
-    lengths = prompt_lengths([r["prompt"] for r in rows], tokenizer, get_tools(s["tools"]))
+    line = families.describe(tokenizer, s["model_name"], s["prompt_style"], s["thinking"], s["max_completion_length"])
+    lengths = prompt_lengths([r["prompt"] for r in rows], tokenizer, get_tools(s["tools"]), s["thinking"])
     cap, completion = s["max_prompt_length"], s["max_completion_length"]
     kept = [(r, n) for r, n in zip(rows, lengths) if cap is None or n <= cap]
     if rows and not kept:
@@ -58,6 +59,7 @@ def fit_prompts(s, rows, tokenizer=None):
     longest = max((n for _, n in kept), default=0)
     s["max_seq_length"] = longest + completion
     if rows and distributed.is_main():
+        print(line)
         if len(kept) < len(rows):
             print(f"prompts: {len(rows) - len(kept):,} of {len(rows):,} are longer than --max-prompt-length {cap} "
                   f"tokens and are left out (the longest is {max(lengths)})")

@@ -54,6 +54,7 @@ COMMON_DEFAULTS = dict(
     eval_every=20,            # score those every N steps, at step 0, N/4, N/2 and the last (0 = off); BENCHMARKS.md
     stop_after_worse=0,       # end the run after K evaluations in a row clearly below the best (0 = never)
     worked_examples=0,        # solved questions shown before each one: how a small model learns the format
+    thinking=False,           # Qwen3's <think> block before the answer: off (grpo_math/families.py says why)
     report_to="none",         # trackers are opt-in
     project_name="grpo-math",
     sample_every=10,          # print a sample completion every N steps
@@ -124,6 +125,9 @@ def build_parser(description, defaults, extra_args=None):
         "--max-completion-length)", type=int)
     add(d, "--worked-examples", f"solved questions (agents.WORKED_EXAMPLES) shown in the required form before each "
         f"question, 0 to {len(WORKED_EXAMPLES)}; 2 lets a model under 1B that ignores the system prompt use the format", type=int)
+    add(d, "--thinking", "let a model with a thinking switch (Qwen3) think in a <think> block before it answers; "
+        "the rewards grade what follows it. Off by default: the chat template's enable_thinking=False, so the answer "
+        "comes at once. Give --max-completion-length 1024 or more with it", action="store_true")
     o = p.add_argument_group("outputs")
     add(o, "--output-dir", "run folder; refused if it exists, unless --resume or --overwrite", type=str)
     add(o, "--resume", "continue from the newest complete checkpoint in --output-dir, with its saved settings; "

@@ -31,6 +31,7 @@ import time
 import torch
 
 from grpo_math.answers import completion_text
+from grpo_math.families import chat_kwargs
 from grpo_math.calculator import ERROR_PREFIX, calculator
 from grpo_math.models import load_tokenizer
 
@@ -121,21 +122,22 @@ def run_call(call, tools):
     return {"role": "tool", "name": name, "content": str(result)}
 
 
-def tool_suffix_ids(tokenizer, tool_messages):
+def tool_suffix_ids(tokenizer, tool_messages, thinking=False):
     """The template's tokens that follow the model's end of turn and carry the tool results, up to the
     next assistant turn (TRL's GRPOTrainer._get_tool_suffix_ids)."""
     calls = [{"type": "function", "function": {"name": tool_messages[0]["name"], "arguments": {}}}]
     dummy = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": calls}]
-    prefix = tokenizer.apply_chat_template(dummy, tokenize=True, return_dict=False)
+    prefix = tokenizer.apply_chat_template(dummy, tokenize=True, return_dict=False, **chat_kwargs(thinking))
     full = tokenizer.apply_chat_template(dummy + tool_messages, add_generation_prompt=True, tokenize=True,
-                                         return_dict=False)
+                                         return_dict=False, **chat_kwargs(thinking))
     ends = [i for i, t in enumerate(prefix) if t == tokenizer.eos_token_id]
     prefix = prefix[: ends[-1] + 1] if ends else prefix
     return full[len(prefix):]
 
 
 @torch.no_grad()
-def answer_with_tools(model, tokenizer, prompts, tools, max_new_tokens, max_calls, batch_size=8, stop=()):
+def answer_with_tools(model, tokenizer, prompts, tools, max_new_tokens, max_calls, batch_size=8, stop=(),
+                      thinking=False):
     """Greedy answers to chat ``prompts`` (message lists) with ``tools`` callable: each generation that ends
     in tool calls gets their results and goes on, as in training. Per prompt: (the final answer's text,
     the tokens the model wrote, the calls as [{"name", "arguments", "result"}])."""
@@ -143,7 +145,7 @@ def answer_with_tools(model, tokenizer, prompts, tools, max_new_tokens, max_call
     ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     device = next(model.parameters()).device
     rows = [{"ids": tokenizer.apply_chat_template(p, tools=tools, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=False), "completion": [], "written": 0,
+                                                  return_dict=False, **chat_kwargs(thinking)), "completion": [], "written": 0,
              "messages": [], "calls": []} for p in prompts]
     active = list(range(len(rows)))
     for round_ in range(max_calls + 1):
@@ -173,7 +175,7 @@ def answer_with_tools(model, tokenizer, prompts, tools, max_new_tokens, max_call
             if not calls or round_ == max_calls:
                 continue
             results = [run_call(c, by_name) for c in calls]
-            suffix = tool_suffix_ids(tokenizer, results)
+            suffix = tool_suffix_ids(tokenizer, results, thinking)
             if len(row["completion"]) + len(new) + len(suffix) > max_new_tokens:
                 continue  # as TRL does: a result that does not fit ends the answer where it is
             row["completion"] += new + suffix
@@ -187,7 +189,7 @@ def answer_with_tools(model, tokenizer, prompts, tools, max_new_tokens, max_call
 
 
 def compare_with_tools(model, tokenizer, records, summary, agents, tools, max_new_tokens, max_calls, batch_size=8,
-                       examples=0):
+                       examples=0, thinking=False):
     """evaluate.py --tools: every agent answers the scored questions again, greedy, with ``tools`` callable,
     beside its greedy answers without them (``summary``, from the same questions and prompts). Each answer,
     its tool calls included, goes in its record under agents_with_tools."""
@@ -199,7 +201,7 @@ def compare_with_tools(model, tokenizer, records, summary, agents, tools, max_ne
         prompts = [build_prompt(instruction, r["question"], "chat", examples) for r in records]
         start = time.perf_counter()
         answers = answer_with_tools(model, tokenizer, prompts, tools, max_new_tokens, max_calls, batch_size,
-                                    stop=(SOLUTION_END,))
+                                    stop=(SOLUTION_END,), thinking=thinking)
         seconds = time.perf_counter() - start
         graded = [{**grade(text, r["gold"], "chat", tokens), "tool_calls": calls}
                   for r, (text, tokens, calls) in zip(records, answers)]

@@ -62,6 +62,7 @@ def test_evaluation_loads_in_fp16_on_a_t4(monkeypatch, gsm8k_dir, tmp_path):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: None)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setattr(evaluate, "check_source", lambda name: None)  # "some/model" is on no hub
+    monkeypatch.setattr(evaluate.families, "describe", lambda *a, **k: "model: (no tokenizer loaded)")
     with pytest.raises(Loaded):
         evaluate.main(["--model-name", "some/model", "--dataset", gsm8k_dir, "--n", "2", "--calibration-n", "0",
                        "--out", str(tmp_path / "eval")])
