@@ -74,6 +74,7 @@ DEFAULTS = dict(
     agents="core",                   # agents.AGENT_SETS: core, strategies, personas; or "a|b|c"
     agent_sampling="all",            # every question once per agent
     prompt_style="chat",             # system prompt asking for <SOLUTION>N</SOLUTION>
+    thinking=False,                  # Qwen3: True lets it think in <think> first (README, "Model families")
     tools="",                        # "calculator": the model may call it as it answers (README, "Tools"),
                                      # best with agents="calculator", whose instructions say when
     output_dir="outputs/gsm8k",
