@@ -1,10 +1,11 @@
 """The unsloth backend through Unsloth's real patched trl, on a CPU.
 
 Each training case runs tests/unsloth_cpu.py in a process of its own, because Unsloth patches trl and
-transformers for the whole process; the five checks of the "checks" fixture share one. That script's
-docstring lists what is real and every stand-in, with the reason for each. The scripted cases check
-the mechanics (precision, stop tag, rewards, run folder) on completions that are all the same, which
-train nothing; the varied cases check that Unsloth's trainer trains.
+transformers for the whole process; the five checks of the "checks" fixture share one, and so do the
+four model families of the "families" fixture, trained in turn. That script's docstring lists what is
+real and every stand-in, with the reason for each. The scripted cases check the mechanics (precision,
+stop tag, rewards, run folder) on completions that are all the same, which train nothing; the varied
+cases and the families check that Unsloth's trainer trains.
 """
 
 import importlib.util
@@ -17,7 +18,8 @@ import sys
 import pytest
 
 import train_gsm8k
-from conftest import ROOT
+from conftest import ROOT, need_shared
+from families import FAMILIES
 from grpo_math import models, runs, settings
 from rewards import STOP_TAG
 
@@ -162,6 +164,56 @@ def test_the_training_checks_catch_a_loss_cut_from_the_model(tmp_path):
     grad_norms, lora = varied_run(tmp_path, "t4", "chat", "--detach-loss")
     assert grad_norms == [0.0, 0.0, 0.0]
     assert lora["b_moved"] == lora["a_moved"] == lora["saved_differs_from_start"] == 0 and lora["b_tensors"] > 0
+
+
+# The families users switch --model-name to, trained in turn in one process: each a tiny random model of the
+# family's class with its real tokenizer (tests/families.py), through the harness's stand-in loader, which runs
+# Unsloth's loader patches for the family (its docstring, stand-in 2). --compile on: with it off (auto, for 2
+# steps) Unsloth leaves transformers' Gemma 3 classes as they are; torch.compile itself stays off (stand-in 9).
+# An Ampere card: on a T4 Unsloth loads Gemma 3 in float32, which the stand-in does not. Four completions of 8
+# tokens: enough for the rewards of a group to differ.
+FAMILY_RUN = ["--smoke", "--backend", "unsloth", "--max-steps", "2", "--max-completion-length", "8",
+              "--num-generations", "4", "--eval-examples", "0", "--select-examples", "0", "--compile", "on",
+              "--prompt-style", "chat"]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """(the harness's RESULT per family, their runs' folder): the four families' runs, in one process."""
+    for family, (_, folder, _) in FAMILIES.items():
+        need_shared(folder, ("tokenizer.json", "tokenizer_config.json"), f"the {family} tokenizer")
+    tmp_path = tmp_path_factory.mktemp("families")
+    result, stdout = harness(tmp_path, "train", "--gpu", "ampere", "--families", ",".join(FAMILIES),
+                             rest=[*FAMILY_RUN, "--output-dir", str(tmp_path / "runs")])
+    assert stdout.count("trl.GRPOTrainer is UnslothGRPOTrainer, its __init__ wrapped as on a GPU") == 1
+    return result, tmp_path / "runs"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_unsloths_trainer_trains_each_model_family(families, family):
+    """Qwen2.5, Qwen3, Llama 3 and Gemma 3, each of its own architecture class and with its real tokenizer and
+    chat template, through Unsloth's loader patches for the family and its generated GRPO trainer: a
+    gradient on both steps, LoRA-B moved, and the trained adapter saved in the run folder."""
+    results, folder = families
+    result, run = results[family], folder / family
+    load, peft = result["calls"]
+    assert load["model_name"] == f"stand-in/{family}" and load["architecture"] == FAMILIES[family][0]
+    assert load["unsloth_patches"] and load["pad_token"]  # Llama 3.1's tokenizer has none: Unsloth picks one
+    assert load["compiled_class"] == (family == "gemma3")  # Unsloth's rewrite of transformers' Gemma 3 module
+    assert peft["target_modules"] == models.LORA_TARGETS
+    assert result["trainer_bases"] == ["KitGRPOTrainer", "UnslothGRPOTrainer"]
+    assert result["bf16"] and result["trainable_dtypes"] == ["torch.float32"]
+
+    steps = [e for e in json.load(open(run / runs.STATS_FILE)) if e["step"] > 0]
+    assert [e["step"] for e in steps] == [1, 2]
+    assert all(e["frac_reward_zero_std"] < 1 for e in steps)  # varied completions: advantages not all 0
+    assert all(math.isfinite(e["grad_norm"]) and e["grad_norm"] > 0 for e in steps), steps
+    moved = result["lora"]  # how far training moved the LoRA weights, in the model and in the saved adapter
+    assert moved["b_tensors"] == len(models.LORA_TARGETS) * 2 == moved["b_moved"], moved  # 2 layers; A moves at step 3
+    assert (run / "adapter_model.safetensors").exists()
+    assert moved["saved_tensors"] == 2 * moved["b_tensors"] and moved["saved_minus_trained"] == 0.0, moved
+    assert moved["saved_differs_from_start"] >= moved["b_tensors"], moved
+    assert json.load(open(run / "config.json"))["backend"] == "unsloth"
 
 
 UNSLOTH_ONLY = {"push_to_hub_token", "unsloth_grpo_mini_batch", "unsloth_logit_chunk_multiplier", "unsloth_num_chunks",

@@ -1,6 +1,7 @@
 """The kit on its unsloth backend, run on a CPU through Unsloth's real patched trl, in a process of its own.
 
     python tests/unsloth_cpu.py train --gpu t4 -- --smoke --backend unsloth --model-name stand-in/tiny ...
+    python tests/unsloth_cpu.py train --gpu ampere --families qwen3,gemma3 -- <flags> --output-dir RUNS
     python tests/unsloth_cpu.py unpatched --gpu ampere -- <the same flags>
     python tests/unsloth_cpu.py checks --out SCRATCH   # or one of: config vllm exports gguf ensemble
 
@@ -23,12 +24,25 @@ The stand-ins, the complete list (README.md points here), each because it cannot
      asks). torch itself sees no CUDA device, so the trainer runs on the CPU, in the mixed precision
      the config asks for.
   2. FastLanguageModel.from_pretrained: its 4-bit load needs bitsandbytes' CUDA kernels and asks the
-     CUDA device about itself. It gives the tiny offline Qwen2 model, in the dtype Unsloth's loader
-     picks for the simulated card (fp16 below capability 8.0, even when bf16 is asked for), and
-     records its arguments.
+     CUDA device about itself. It gives the tiny offline Qwen2 model, or for "stand-in/FAMILY" (qwen2.5,
+     qwen3, llama3, gemma3) that family's tiny random model with its real tokenizer (tests/families.py),
+     in the dtype Unsloth's loader picks for the simulated card (fp16 below capability 8.0, even when
+     bf16 is asked for), and records its arguments. A family's model then gets what Unsloth's loader
+     does to it that a CPU can run:
+       qwen2.5, qwen3, llama3 (FastQwen2Model, FastQwen3Model, FastLlamaModel): patch_tokenizer (Llama
+         3.1's tokenizer has no pad token; Unsloth picks one) and the family's post_patch. Not its
+         pre_patch(): that replaces the family's attention, decoder layer, model and causal-LM forwards
+         with Unsloth's, which run Triton kernels (RMSNorm, RoPE; Triton has no CPU backend here) and
+         build their rotary embedding on the CUDA device (torch.cuda.current_device()), so those
+         classes keep transformers' forwards.
+       gemma3 (FastModel): unsloth_compile_transformers, Unsloth's rewrite of transformers' Gemma 3
+         module, before the model is built (its classes swapped only under --compile on, as on a GPU;
+         torch.compile stays off, stand-in 9), then patch_model_and_tokenizer and patch_tokenizer as
+         FastModel calls them. Not its float32 load on cards without bf16 (a T4): the stand-in loads
+         Gemma 3 in fp16 there, which Unsloth does not, so its runs simulate an Ampere card.
   3. models.check_source, the kit's hub check before loading, lets the stand-in's model name through,
      and models.load_tokenizer, which the prompt budget calls before the model loads, gives the tiny
-     model's tokenizer for it.
+     model's tokenizer for it, or the family's.
   4. FastLanguageModel.get_peft_model: it only takes a model from the real from_pretrained. PEFT LoRA
      with the arguments the kit passes, then what Unsloth attaches: for_training/for_inference and
      its saving functions (save_pretrained_merged, save_pretrained_gguf). The model says it is
@@ -49,9 +63,12 @@ The stand-ins, the complete list (README.md points here), each because it cannot
  10. --detach-loss cuts the loss from the model before backward(): not a stand-in for anything on a
      GPU, but the broken backward that the training tests must catch.
 
-Processes: each "train" and "unpatched" run has a process of its own. The "checks" mode runs config,
-vllm, exports, gguf and ensemble in one process, in an order where none disturbs the next: config
-before the GPU is simulated, the class-wide forward replaced last.
+Processes: each "train" and "unpatched" run has a process of its own, except that "train --families"
+trains the families given in turn in one, each run in RUNS/FAMILY: Unsloth's patches above touch a
+family's own model, tokenizer and (Gemma 3) module, except UNSLOTH_HIGH_PRECISION_LAYERNORM, which Gemma
+3's load sets for the process, so it goes last. The "checks" mode runs config, vllm, exports, gguf and
+ensemble in one process, in an order where none disturbs the next: config before the GPU is simulated,
+the class-wide forward replaced last.
 """
 
 import argparse
@@ -64,6 +81,7 @@ import types
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 CAPABILITY = {"t4": (7, 5), "ampere": (8, 0)}
+FAMILY_PREFIX = "stand-in/"  # "stand-in/qwen3": the family's tiny model (tests/families.py)
 NAME = {"t4": "Tesla T4", "ampere": "NVIDIA A100-SXM4-40GB"}
 
 
@@ -122,18 +140,95 @@ def script_model(model, tokenizer, text):
     model.lm_head.register_forward_hook(force)
 
 
+def stand_in_family(name):
+    """The family that a stand-in model name such as "stand-in/qwen3" asks for (tests/families.py), or None."""
+    from families import FAMILIES
+
+    family = name.removeprefix(FAMILY_PREFIX)
+    return family if name.startswith(FAMILY_PREFIX) and family in FAMILIES else None
+
+
+def unsloth_family_patches(family, model, tokenizer, dtype):
+    """What Unsloth's loader does to the family's model and tokenizer that a CPU can run (module docstring,
+    stand-in 2); returns (model, tokenizer, what ran)."""
+    from unsloth.models._utils import patch_tokenizer
+
+    if family == "gemma3":  # FastModel's load: its module rewrite is done by then (family_model), then these
+        from unsloth_zoo.patching_utils import patch_model_and_tokenizer
+
+        model, tokenizer = patch_model_and_tokenizer(model, tokenizer, downcast_rope=False, fix_embeddings=False,
+                                                     do_forced_float32=False, correct_dtype=None)
+        model, tokenizer = patch_tokenizer(model, tokenizer)
+        return model, tokenizer, ["unsloth_compile_transformers", "patch_model_and_tokenizer", "patch_tokenizer"]
+    from unsloth.models.llama import FastLlamaModel
+    from unsloth.models.qwen2 import FastQwen2Model
+    from unsloth.models.qwen3 import FastQwen3Model
+
+    # The dispatch of FastLanguageModel.from_pretrained, and the order of FastLlamaModel.from_pretrained.
+    patcher = {"qwen2.5": FastQwen2Model, "qwen3": FastQwen3Model, "llama3": FastLlamaModel}[family]
+    model, tokenizer = patch_tokenizer(model, tokenizer)
+    model, tokenizer = patcher.post_patch(model, tokenizer, correct_dtype=dtype)
+    return model, tokenizer, ["patch_tokenizer", f"{patcher.__name__}.post_patch"]
+
+
+def family_model(family, tokenizer):
+    """The family's tiny model. For Gemma 3, Unsloth's FastModel first rewrites transformers' Gemma 3 module
+    (unsloth_compile_transformers), as its load does before it builds the model; with torch.compile off
+    (stand-in 9) the rewritten forwards run eagerly."""
+    from families import tiny_family_model
+
+    if family != "gemma3":
+        return tiny_family_model(family, tokenizer)
+    from unittest import mock
+
+    import torch
+    import transformers
+    import transformers.models.gemma3.modeling_gemma3 as gemma3
+    from unsloth.models.loader import unsloth_compile_transformers
+
+    os.environ["UNSLOTH_HIGH_PRECISION_LAYERNORM"] = "1"  # as FastModel's load sets it for Gemma 3
+    # FastModel.from_pretrained's arguments for a text model; the code lands in UNSLOTH_COMPILE_LOCATION.
+    unsloth_compile_transformers(
+        dtype=torch.bfloat16, model_name=FAMILY_PREFIX + family, model_types=["siglip", "gemma3"], token=None,
+        sdpa_dynamic_mask=True, sdpa_bool_masks=True, sdpa_gqa_replace=True, sdpa_dynamic_compile=True,
+        compile_attention=True, disable_causal_masks=True, compile_torch_modules=True, compile_custom_modules=True,
+        compile_function_calls=True, fuse_lm_head=True, gradient_checkpointing=True, manual_replacements=True,
+        fast_lora_forwards=True, fast_residual_stream=False, accurate_accumulation=True, epilogue_fusion=True,
+        max_autotune=False, shape_padding=True, cudagraphs=False, debug=False, fullgraph=True,
+        import_from_cache=False, disable=False, return_logits=False, trust_remote_code=False)
+    # The rewrite swaps the class in transformers' Gemma 3 module, where Unsloth's load resolves it; the name
+    # transformers exports was bound before, to the stock class.
+    with mock.patch.object(transformers, "Gemma3ForCausalLM", gemma3.Gemma3ForCausalLM):
+        return tiny_family_model(family, tokenizer)
+
+
 def stand_in_unsloth_loading(capability, calls, script=None, base_dir=None, lora_start=None):
-    """FastLanguageModel.from_pretrained and get_peft_model on the tiny model; see the module docstring."""
+    """FastLanguageModel.from_pretrained and get_peft_model on the tiny model, or on a family's tiny model
+    for "stand-in/FAMILY"; see the module docstring."""
     import torch
     from unsloth import FastLanguageModel
     from unsloth.models.llama import FastLlamaModel
+    from unsloth.models.loader import _built_by_unsloth_compiler
     from unsloth.save import patch_saving_functions
 
     from grpo_math import models
 
     models.check_source = lambda name: None  # the stand-in model's name is on no hub
     load_tokenizer = models.load_tokenizer
-    models.load_tokenizer = lambda name: load_tokenizer("tiny")  # the tiny model's, for the prompt budget
+    # A family's tokenizer takes seconds to read, so the prompt budget's (done with it before the model
+    # loads) is the one from_pretrained takes, as both would read the same files.
+    read = {}
+
+    def stand_in_tokenizer(name):  # for the prompt budget, which renders the prompts before the model loads
+        family = stand_in_family(name)
+        if family:
+            from families import family_tokenizer
+
+            read[family] = family_tokenizer(family)
+            return read[family]
+        return load_tokenizer("tiny")
+
+    models.load_tokenizer = stand_in_tokenizer
 
     def from_pretrained(model_name, max_seq_length=None, dtype=None, load_in_4bit=False, fast_inference=False,
                         **kwargs):
@@ -143,8 +238,19 @@ def stand_in_unsloth_loading(capability, calls, script=None, base_dir=None, lora
         supports_bf16 = capability >= (8, 0)  # Unsloth's SUPPORTS_BFLOAT16: capability 8.0 or more
         if dtype is None or (dtype == torch.bfloat16 and not supports_bf16):
             dtype = torch.bfloat16 if supports_bf16 else torch.float16
-        model, tokenizer = models.tiny_model_and_tokenizer()
-        model.to(dtype)
+        family = stand_in_family(model_name)
+        if family:
+            from families import family_tokenizer
+
+            tokenizer = read.pop(family, None) or family_tokenizer(family)
+            model = family_model(family, tokenizer)
+            model.to(dtype)
+            model, tokenizer, patches = unsloth_family_patches(family, model, tokenizer, dtype)
+            calls[-1].update(architecture=type(model).__name__, pad_token=tokenizer.pad_token,
+                             unsloth_patches=patches, compiled_class=_built_by_unsloth_compiler(type(model)))
+        else:
+            model, tokenizer = models.tiny_model_and_tokenizer()
+            model.to(dtype)
         model.max_seq_length = max_seq_length
         if base_dir:  # Unsloth's merge reads the base weights from the model's name: a local folder here
             model.save_pretrained(base_dir)
@@ -219,6 +325,15 @@ def train(args, rest):
     stand_in_unsloth_loading(capability, calls, args.script, lora_start=lora_start)
     script = __import__("train_gsm8k" if "--dataset" in rest else "train_synthetic")
     made = capture_trainer(script, args.detach_loss)
+    if args.families:  # each in turn, in this process: RUN/FAMILY for --output-dir RUN
+        runs = rest[rest.index("--output-dir") + 1]
+        results = {}
+        for family in args.families.split(","):
+            calls.clear()
+            lora_start.clear()
+            script.main([*rest, "--model-name", FAMILY_PREFIX + family, "--output-dir", os.path.join(runs, family)])
+            results[family] = report(made[-1], list(calls), lora_start)
+        return results
     script.main(rest)
     trainer = made[0]
     rank = os.environ.get("RANK")
@@ -229,6 +344,11 @@ def train(args, rest):
                   os.path.join(args.out, f"lora-rank{rank}.safetensors"))
         if rank != "0":  # the first process alone writes the run folder, so only it can check it
             return {}
+    return report(trainer, calls, lora_start)
+
+
+def report(trainer, calls, lora_start):
+    """What a run's trainer trained with, and how far its LoRA weights moved."""
     return {"trainer_bases": [c.__name__ for c in type(trainer).__mro__[1:3]], "bf16": trainer.args.bf16,
             "fp16": trainer.args.fp16, "optim": str(trainer.args.optim), "use_cpu": trainer.args.use_cpu,
             "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__module__,
@@ -404,6 +524,7 @@ def main():
     p.add_argument("--out", default=None, help="a scratch folder")
     p.add_argument("--script", help="make the model write this text after every prompt")
     p.add_argument("--detach-loss", action="store_true", help="cut the loss from the model before backward()")
+    p.add_argument("--families", help="train: these families of tests/families.py in turn, e.g. qwen3,gemma3")
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
