@@ -284,7 +284,8 @@ def main(argv=None):
                    for ins in args.agent_dict.values() for q in questions + calibration]
 
     def run(model):
-        with answer_engine(args.engine, model, tokenizer, prompts, args.max_new_tokens, args.seed) as engine:
+        with answer_engine(args.engine, model, tokenizer, prompts, args.max_new_tokens, args.seed,
+                           samples=args.samples) as engine:
             return evaluate(model, tokenizer, questions, calibration, args.agent_dict, **settings, engine=engine)
 
     runs = {}

