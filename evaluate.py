@@ -264,11 +264,11 @@ def main(argv=None):
     questions, calibration = load_questions(args.dataset, args.split, args.n, args.calibration_n, args.seed)
     config = {k: v for k, v in vars(args).items() if k not in ("agent_dict", "tool_funcs")} | {"agents": args.agent_dict}
     print("config:", json.dumps(config))
-    tool_calls.check_model(args.model_name, args.tool_funcs)  # a template that can show tools, before the model loads
-    print(families.describe(load_tokenizer(args.model_name), args.model_name, args.prompt_style, args.thinking,
-                            args.max_new_tokens))  # what differs in this model family; refuses what cannot run
-    model, tokenizer = load_pretrained(args.model_name)
-    tool_calls.check_tokenizer(tokenizer, args.model_name, args.tool_funcs)  # and the parser that reads them back
+    # The tokenizer first, alone, for the checks that refuse before the model loads: a template that can show the
+    # tools (and the parser that reads their calls back), and what differs in this model family.
+    tokenizer = tool_calls.check_tokenizer(load_tokenizer(args.model_name), args.model_name, args.tool_funcs)
+    print(families.describe(tokenizer, args.model_name, args.prompt_style, args.thinking, args.max_new_tokens))
+    model, tokenizer = load_pretrained(args.model_name, tokenizer=tokenizer)
     model.eval()
     os.makedirs(args.out, exist_ok=True)  # once the model has loaded: a failed load leaves no empty folder
     settings = dict(style=args.prompt_style, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

