@@ -157,7 +157,9 @@ def main(argv=None):
     t0 = time.time()
     backend, reason = models.pick_backend(s)  # imports unsloth on a GPU, before anything imports trl
     print(f"backend: {backend} ({reason})")
-    export.check_exports(s["model_name"], s["save_merged"], s["save_gguf"], backend, reason)
+    # Exports and the push: the GGUF types, llama.cpp (fetched once), the Hub token, all before training.
+    repo_id = export.check_exports(s["model_name"], s["save_merged"], s["save_gguf"], backend, reason,
+                                   s["push_to_hub"], s["private"])
     with bad_input_refused():  # a hub id the hub cannot be asked about: one line, at once
         models.check_source(s["model_name"])
     tools.check_model(s["model_name"], s["tool_names"])  # --tools: a chat template that can show them
@@ -238,9 +240,11 @@ def main(argv=None):
         print(best.closing_line(s["output_dir"], kept, step))
         runs.mark_finished(s["output_dir"], step, kept)
 
-    # 10. Exports of the kept adapter last (--save-merged, --save-gguf): a failed one costs nothing saved above.
+    # 10. Exports of the kept adapter last (--save-merged, --save-gguf), then the push (--push-to-hub): a failed
+    #     one costs nothing saved above, and its message gives the command that tries it again.
     failed = export.export_run(model, tokenizer, s["output_dir"], backend, s["model_name"],
-                               merged=s["save_merged"], gguf=s["save_gguf"], kept=kept)
+                               merged=s["save_merged"], gguf=s["save_gguf"], kept=kept,
+                               push_to_hub=repo_id, private=s["private"])
     print(f"done in {time.time() - t0:.1f} s; run folder: {s['output_dir']}")
     if failed:
         raise SystemExit(f"training and evaluation are saved, but {' and '.join(failed)} failed (see above)")

@@ -20,6 +20,10 @@ Training
     runs          the run folder: start, reuse, --overwrite, --resume, finish; config.json; atomic JSON
     distributed   torchrun / accelerate launch: the first process decides and writes, every one stops alike
     hub           one quick question to the Hugging Face hub before a model or data set is loaded from it
+    push          --push-to-hub: the run's adapter, merged model and GGUF files to their Hub repos, each with a
+                  model card (model_card.md)
+    llama_cpp     llama.cpp's converter, llama-quantize and runtime, at one pinned version, for the GGUF exports
+    fidelity      export.py --check: the adapter, the merged model and each GGUF on the same held-out questions
     tools         --tools: the tools the model may call (TOOLS), the chat-template checks, evaluate.py's tool loop
     calculator    the calculator tool: arithmetic on a whitelisted syntax tree, never executed; how to write a tool
 

@@ -20,7 +20,7 @@ import os
 import sys
 
 from agents import WORKED_EXAMPLES, get_agents
-from grpo_math import compiling, distributed, models, tools
+from grpo_math import compiling, distributed, llama_cpp, models, tools
 from rewards import GSM8K_REWARD_WEIGHTS, get_reward_funcs
 
 # What the default evaluations cost, measured (BENCHMARKS.md, "Which adapter you get"); --eval-every's help says it.
@@ -47,7 +47,9 @@ COMMON_DEFAULTS = dict(
     overwrite=False,
     save_steps=50,            # checkpoint every N steps (optimizer state included, for --resume)
     save_merged=False,
-    save_gguf=None,
+    save_gguf=None,           # GGUF types, comma-separated (q4_k_m,q8_0): llama.cpp's converter and llama-quantize
+    push_to_hub=None,         # a Hub repo id: the adapter goes there, merged and GGUF beside it (export.py)
+    private=False,
     skip_evaluation=False,
     eval_examples=32,         # held-out questions for the quick evaluation after training (the figure reported)
     select_examples=32,       # other held-out questions, scored during training to pick the adapter kept (best.py)
@@ -135,8 +137,13 @@ def build_parser(description, defaults, extra_args=None):
     add(o, "--overwrite", "move an existing --output-dir aside (to NAME.old-TIME) and start afresh", action="store_true")
     add(o, "--save-steps", "write a checkpoint every N steps and at the last; the two newest are kept", type=int)
     add(o, "--save-merged", "after training, also save a merged 16-bit model in RUN/merged", action="store_true")
-    add(o, "--save-gguf", "after training, also save a GGUF file in RUN/gguf with this quantization, e.g. q4_k_m "
-        "(unsloth backend, llama.cpp)", type=str)
+    add(o, "--save-gguf", "after training, also save GGUF files in RUN/gguf, one per type, comma-separated: f16, bf16, "
+        "q8_0, or a k-quant such as q4_k_m (built once with cmake), with an Ollama Modelfile; llama.cpp's own tools, "
+        "offline once fetched (export.py)", type=str)
+    add(o, "--push-to-hub", "after training, push the adapter to this Hub repo id (user/name), and RUN/merged and "
+        "RUN/gguf to REPO-merged and REPO-GGUF where made, each with a model card; the token and the Hub are checked "
+        "before training (HF_TOKEN or `hf auth login`; HF_ENDPOINT)", type=str)
+    add(o, "--private", "with --push-to-hub: create the repos private", action="store_true")
     add(o, "--skip-evaluation", "skip the held-out evaluations: the quick one after training and those of "
         "--eval-every (then no adapter is selected: RUN/ holds the last)", action="store_true")
     add(o, "--eval-examples", "held-out questions for the quick evaluation after training, never trained on and "
@@ -252,6 +259,10 @@ def validate(s):
     share = s["gpu_memory_utilization"]
     if share is not None and not 0 < share < 1:
         raise ValueError(f"--gpu-memory-utilization must be between 0 and 1, got {share}: a share of the GPU's memory")
+    if s["save_gguf"]:
+        llama_cpp.check_quants(s["save_gguf"], "--save-gguf")  # the names; export.check_exports fetches llama.cpp
+    if s["private"] and not s["push_to_hub"]:
+        raise ValueError("--private goes with --push-to-hub REPO_ID: say where to push")
     if s["max_prompt_length"] is not None and s["max_prompt_length"] < 1:
         raise ValueError(f"--max-prompt-length must be at least 1, got {s['max_prompt_length']}")
     if s["batch_size"] is None:
