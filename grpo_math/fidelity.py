@@ -18,6 +18,9 @@ float32: the same weights, but not llama.cpp's arithmetic. fidelity.json says wh
 import glob
 import json
 import os
+import subprocess
+import sys
+import tempfile
 
 from agents import get_agents
 from grpo_math import intervals, llama_cpp, runs
@@ -25,6 +28,7 @@ from grpo_math.answers import grade
 from grpo_math.evaluation import STOPS, cut_at_stop, quick_eval, render
 
 FIDELITY_FILE = "fidelity.json"
+KIT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA_CPP = "llama.cpp (llama-cpp-python)"
 TRANSFORMERS = "transformers' GGUF loader (dequantized to float32)"
 
@@ -61,17 +65,36 @@ def score_llama_cpp(gguf_file, tokenizer, rows, s):
             text += STOPS[s["prompt_style"]][0]
         records.append({"question": r["question"], "gold": r["answer"],
                         **grade(text, r["answer"], s["prompt_style"], out["usage"]["completion_tokens"])})
+    llm.close()
     return records
 
 
-def score_gguf(gguf_file, tokenizer, rows, s):
-    """(records, runtime) for one GGUF file: llama.cpp's runtime where at hand, else transformers'."""
+def score_gguf(gguf_file, tokenizer, rows, s, run_dir):
+    """(records, runtime) for one GGUF file: llama.cpp's runtime where at hand, in a process of its own (a
+    crash of its CPU kernels, seen on some CPUs, cannot take this one down), else transformers' loader."""
     if llama_cpp.runtime_available():
-        return score_llama_cpp(gguf_file, tokenizer, rows, s), LLAMA_CPP
-    from transformers import AutoModelForCausalLM
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "records.json")
+            proc = subprocess.run([sys.executable, "-m", "grpo_math.fidelity", gguf_file, run_dir, out],
+                                  cwd=KIT_DIR, capture_output=True, text=True)
+            if proc.returncode == 0:
+                with open(out) as f:
+                    return json.load(f), LLAMA_CPP
+        why = f"signal {-proc.returncode}" if proc.returncode < 0 else proc.stderr.strip().splitlines()[-1:]
+        print(f"llama.cpp's runtime failed on {os.path.basename(gguf_file)} ({why}): reading it with {TRANSFORMERS}")
+    return score_transformers(load_gguf(gguf_file, run_dir), tokenizer, rows, s), TRANSFORMERS
 
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_file), gguf_file=os.path.basename(gguf_file))
-    return score_transformers(model.eval(), tokenizer, rows, s), TRANSFORMERS
+
+def load_gguf(gguf_file, run_dir):
+    """``gguf_file`` in transformers, dequantized. The architecture comes from RUN/merged's config where it
+    exists: the GGUF's own would be read by parsing its whole metadata a second time (the vocabulary
+    included: 15 s for a 151k-token one on a small CPU)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    merged = os.path.join(run_dir, "merged")
+    config = {"config": AutoConfig.from_pretrained(merged)} if os.path.isfile(os.path.join(merged, "config.json")) else {}
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_file), gguf_file=os.path.basename(gguf_file),
+                                                **config).eval()
 
 
 def compare(name, records, reference):
@@ -96,15 +119,17 @@ def check(run_dir, adapter_model, tokenizer, merged_loader=None):
     first_agent = next(iter(get_agents(s["agents"]).values()))
     print(f"fidelity: {len(rows)} held-out questions (eval.json), the first agent, greedy")
     reference = score_transformers(adapter_model, tokenizer, rows, s)
-    lines, runtime = [compare("adapter", reference, reference)], {}
+    lines = [compare("adapter", reference, reference)]
     merged = os.path.join(run_dir, "merged")
     if merged_loader and os.path.isfile(os.path.join(merged, "config.json")):
         lines.append(compare("merged", score_transformers(merged_loader(), tokenizer, rows, s), reference))
     for path in sorted(glob.glob(os.path.join(run_dir, "gguf", "*.gguf"))):
-        records, runtime["gguf"] = score_gguf(path, tokenizer, rows, s)
+        records, used = score_gguf(path, tokenizer, rows, s, run_dir)
         name = os.path.basename(path).removeprefix("model-").removesuffix(".gguf").lower()
-        lines.append({**compare(name, records, reference), "file": os.path.relpath(path, run_dir)})
-    result = {"questions": len(rows), "agent": first_agent, "runtime": runtime, "exports": lines}
+        lines.append({**compare(name, records, reference), "file": os.path.relpath(path, run_dir), "runtime": used})
+    used = list(dict.fromkeys(line["runtime"] for line in lines if "runtime" in line))
+    result = {"questions": len(rows), "agent": first_agent, "runtime": {"gguf": " and ".join(used)} if used else {},
+              "exports": lines}
     runs.write_json_atomic(os.path.join(run_dir, FIDELITY_FILE), result)
     print(table(result))
     return result
@@ -112,13 +137,24 @@ def check(run_dir, adapter_model, tokenizer, merged_loader=None):
 
 def table(result):
     """fidelity.json as the lines export.py prints and BENCHMARKS.md shows."""
-    rows = [f"{'export':<10}{'accuracy [95%]':>24}{'vs adapter [95%]':>28}{'same answer':>13}"]
+    rows = [f"{'export':<10}{'accuracy [95%]':>24}{'vs adapter [95%]':>28}{'same answer':>13}  read by"]
     for e in result["exports"]:
         lo, hi = e["interval"]
         diff = "" if e["difference"] is None else \
             f"{e['difference']:+.3f} [{e['difference_interval'][0]:+.3f}, {e['difference_interval'][1]:+.3f}]"
         same = "" if e["agreement"] is None else f"{e['agreement']:.2f}"
-        rows.append(f"{e['name']:<10}{e['accuracy']:>8.3f} [{lo:.3f}, {hi:.3f}]{diff:>28}{same:>13}")
+        reader = e.get("runtime", "transformers (safetensors)").split(" (")[0]
+        rows.append(f"{e['name']:<10}{e['accuracy']:>8.3f} [{lo:.3f}, {hi:.3f}]{diff:>28}{same:>13}  {reader}")
     if result["runtime"].get("gguf"):
         rows.append(f"GGUF files read by {result['runtime']['gguf']}")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # score_gguf's worker: GGUF RUN_DIR OUT.json, the records of llama.cpp's answers
+    from transformers import AutoTokenizer
+
+    gguf_file, run_dir, out = sys.argv[1:]
+    with open(os.path.join(run_dir, runs.CONFIG_FILE)) as f:
+        settings = json.load(f)["settings"]
+    records = score_llama_cpp(gguf_file, AutoTokenizer.from_pretrained(run_dir), held_out_rows(run_dir), settings)
+    runs.write_json_atomic(out, records)

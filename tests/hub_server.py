@@ -113,8 +113,10 @@ class Hub(HTTPServer):
     def _create(self, request):
         body = request.get_json()
         repo_id = f"{body.get('organization') or self.user}/{body['name']}"
-        if repo_id in self.repos:
-            return answer("You already created this model repo", 409)
+        if repo_id in self.repos:  # the Hub's 409 names the repo's address too, which create_repo(exist_ok) returns
+            conflict = answer("You already created this model repo", 409)
+            conflict.set_data(json.dumps({"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}))
+            return conflict
         self.repos[repo_id], self.private[repo_id] = {}, body.get("visibility") == "private"
         return answer({"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id})
 

@@ -1,5 +1,6 @@
-"""Exports (export.py, --save-merged, --save-gguf): checked before training, run last, never at the
-cost of what training saved. The unsloth side (GGUF) is in test_unsloth.py."""
+"""Exports and the push (export.py, --save-merged, --push-to-hub): checked before training, run last,
+never at the cost of what training saved. GGUF: test_gguf.py; the push itself: test_push.py, against
+the stand-in Hub of hub_server.py; the unsloth side: test_unsloth.py."""
 
 import os
 
@@ -8,23 +9,10 @@ import torch
 
 import export
 import train_synthetic
+from hub_server import hub  # noqa: F401  (a fixture)
 from test_training import run_script
 
 RUN_FILES = ("adapter_model.safetensors", "training_stats.json", "rewards.png", "eval.json", "checkpoint-2")
-
-
-@pytest.mark.parametrize("flags, reason", [
-    # --backend auto on a machine without CUDA falls back to trl, which cannot write GGUF
-    (["--backend", "auto", "--model-name", "Qwen/Qwen2.5-0.5B-Instruct"], "no CUDA device"),
-    (["--smoke"], "--smoke: tiny offline model on CPU"),
-])
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the trl fallback on a machine without CUDA")
-def test_gguf_on_trl_is_refused_before_anything_loads(tmp_path, flags, reason):
-    out = tmp_path / "run"
-    proc = run_script("train_synthetic.py", *flags, "--save-gguf", "q4_k_m", "--output-dir", str(out), check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert f"--save-gguf needs the unsloth backend, and this run would use trl ({reason})" in proc.stderr
-    assert "step" not in proc.stdout and not out.exists()  # nothing trained, nothing written
 
 
 def train(tmp_path, *flags):
@@ -81,10 +69,45 @@ def test_merged_export_from_training_and_from_export_py(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["RUN"], "say what to export"),
+    (["RUN"], "say what to do"),
     (["RUN", "--merged"], "holds no adapter"),
 ])
 def test_export_py_refuses_bad_input(tmp_path, argv, message):
     (tmp_path / "RUN").mkdir()
     proc = run_script("export.py", *[str(tmp_path / a) if a == "RUN" else a for a in argv], check=False)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_token_the_hub_refuses_stops_the_run_before_training(hub, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    proc = run_script("train_synthetic.py", "--smoke", "--push-to-hub", "tiny-grpo", "--output-dir", str(out),
+                      check=False, env={"HF_TOKEN": "hf_not_a_token"})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("--push-to-hub") and "token" in line
+    assert "step" not in proc.stdout and not out.exists()  # nothing trained, nothing written
+    assert not hub.repos
+
+
+def test_a_push_that_fails_after_training_loses_nothing_and_export_py_pushes_later(hub, tmp_path, capsys):  # noqa: F811
+    """The Hub fails the commit after training: the run is whole, the message gives the command that pushes it
+    later, and that command pushes the adapter, byte for byte."""
+    hub.fail_commit = True
+    with pytest.raises(SystemExit) as exc:
+        train(tmp_path, "--push-to-hub", "tiny-grpo", "--eval-every", "0")  # no selection: the last adapter goes
+    out = str(tmp_path / "run")
+    assert "--push-to-hub failed" in str(exc.value.code)
+    for name in RUN_FILES:
+        assert os.path.exists(os.path.join(out, name)), name
+    printed = capsys.readouterr().out
+    retry = f"python export.py {out} --push-to-hub alice/tiny-grpo"
+    assert "--push-to-hub failed (" in printed and f"Push it later with: {retry}" in printed
+    assert not any(hub.repos.values())  # the repo was created, and no file arrived
+
+    hub.fail_commit = False
+    export.main(retry.split()[2:])
+    pushed = hub.repos["alice/tiny-grpo"]
+    with open(os.path.join(out, "adapter_model.safetensors"), "rb") as f:
+        assert pushed["adapter_model.safetensors"] == f.read()
+    assert "README.md" in pushed and "run/eval.json" in pushed
+    assert f"pushed: {hub.url}/alice/tiny-grpo" in capsys.readouterr().out

@@ -39,7 +39,9 @@ def harness(tmp_path, mode, *args, rest=()):
     """Run one mode of the harness; (its RESULT dict, its stdout)."""
     env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth_compiled_cache"),
-           "UNSLOTH_LLAMA_CPP_PATH": str(tmp_path / "no-llama.cpp")}
+           "LLAMA_CPP_DIR": str(tmp_path / "llama.cpp")}  # a stand-in: its converter is never run
+    (tmp_path / "llama.cpp").mkdir(exist_ok=True)
+    (tmp_path / "llama.cpp" / "convert_hf_to_gguf.py").touch()
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
     proc = subprocess.run([sys.executable, HARNESS, mode, "--out", str(scratch), *args, "--", *rest],
@@ -281,20 +283,20 @@ def test_ensemble_decoding_on_an_unsloth_patched_model(checks):
 
 
 def test_gguf_files_land_in_run_gguf(checks):
-    """Unsloth's save_pretrained_gguf writes the files beside the folder it is given, in NAME_gguf,
-    and a 16-bit merge into it. The kit's export leaves only the .gguf file, in RUN/gguf."""
+    """On the unsloth backend, the converter reads Unsloth's 16-bit merge (a plain transformers folder), made in
+    RUN/gguf-work and deleted after; RUN/gguf holds the GGUF file and the Modelfile."""
     result = checks[0]["gguf"]
-    assert result["paths"] == ["gguf/model.Q4_K_M.gguf"]
-    assert result["files"] == ["gguf/model.Q4_K_M.gguf"]  # no gguf-work/ merge, no gguf-work_gguf/
+    assert result["paths"] == ["gguf/model-Q4_K_M.gguf", "gguf/Modelfile"]
+    assert result["files"] == ["config.json", "gguf/Modelfile", "gguf/model-Q4_K_M.gguf"]  # no gguf-work/ left
+    assert result["converted"]["quants"] == ["q4_k_m"]
+    assert "config.json" in result["converted"]["files"] and "model.safetensors" in result["converted"]["files"]
 
 
 def test_gguf_settings_checked_before_training(checks):
-    """An unknown quantization is refused with Unsloth's list; a missing llama.cpp is named."""
-    result, stdout = checks[0]["exports"], checks[1]
+    """An unknown GGUF type is refused with the kit's list, before anything loads."""
+    result = checks[0]["exports"]
     assert result["q4_k_m"] == "accepted"
-    assert "'q4_k_mm' is not a quantization Unsloth knows" in result["q4_k_mm"] and "q4_k_m" in result["q4_k_mm"]
-    assert "no working llama.cpp in " in stdout and "no-llama.cpp. After training" in stdout
-    assert "UNSLOTH_LLAMA_CPP_PATH" in stdout
+    assert "--save-gguf q4_k_mm is not a GGUF type the kit makes" in result["q4_k_mm"] and "q4_k_m" in result["q4_k_mm"]
 
 
 def test_compile_is_set_before_unsloth_imports_and_a_later_change_is_said(tmp_path):

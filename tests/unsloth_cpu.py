@@ -52,8 +52,8 @@ The stand-ins, the complete list (README.md points here), each because it cannot
      group is then the same, so those runs train nothing; runs without --script sample varied text.
   6. With --vllm-installed (and in "vllm"), a vllm module holding only SamplingParams, and
      models.vllm_available() answering True: vllm is not installed on a CPU.
-  7. In "gguf", llama.cpp's converter (unsloth.save.save_to_gguf) writes a small file instead, and
-     tests/test_unsloth.py points UNSLOTH_LLAMA_CPP_PATH at a folder with no llama.cpp.
+  7. In "gguf", llama.cpp's converter (grpo_math.llama_cpp.write_ggufs) writes a small file instead, and
+     tests/test_unsloth.py points LLAMA_CPP_DIR at a stand-in llama.cpp folder.
   8. In "ensemble", Unsloth's one-token decode kernel (it needs CUDA) runs the transformers backbone
      and returns what Unsloth's kernel returns; the wrapper around it is Unsloth's real
      CausalLM_fast_forward, installed on Qwen2ForCausalLM for the whole class as Unsloth does.
@@ -465,35 +465,39 @@ def ensemble(args):
 
 
 def gguf(args):
-    """export.save_gguf through Unsloth's real save_pretrained_gguf, with llama.cpp's converter stood in."""
-    import unsloth.save as unsloth_save
+    """export.save_gguf on the unsloth backend: Unsloth's real 16-bit merge, then llama.cpp's converter, stood in
+    here (test_gguf.py runs the real one; it refuses this model's tokenizer, trained in-process)."""
+    import json
 
     import export
-    from grpo_math import models
+    from grpo_math import llama_cpp, models
 
     calls = []
     stand_in_unsloth_loading(simulate_gpu(args.gpu), calls, base_dir=os.path.join(args.out, "base"))
+    converted = {}
 
-    def save_to_gguf(*a, gguf_directory=None, quantization_method=None, **kwargs):
-        os.makedirs(gguf_directory, exist_ok=True)
-        methods = quantization_method if isinstance(quantization_method, list) else [quantization_method]
-        paths = [os.path.join(gguf_directory, f"model.{m.upper()}.gguf") for m in methods]
+    def write_ggufs(hf_dir, out_dir, quants):
+        converted.update(files=sorted(os.listdir(hf_dir)), quants=quants)
+        os.makedirs(out_dir, exist_ok=True)
+        paths = [os.path.join(out_dir, llama_cpp.file_name(q)) for q in quants]
         for path in paths:
             with open(path, "wb") as f:
                 f.write(b"GGUF")
-        return paths, False, False
+        return paths
 
-    unsloth_save.save_to_gguf = save_to_gguf
+    llama_cpp.write_ggufs = write_ggufs
     model, tokenizer, _ = models.load_unsloth("stand-in/tiny", max_seq_length=64, lora_rank=4)
     run = os.path.join(args.out, "run")
     os.makedirs(run)
-    paths = export.save_gguf(model, tokenizer, run, "q4_k_m")
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"settings": {"agents": "core", "prompt_style": "xml", "worked_examples": 0}}, f)
+    paths = export.save_gguf(model, tokenizer, run, "unsloth", "stand-in/tiny", "q4_k_m")
     listing = sorted(os.path.relpath(os.path.join(d, f), run) for d, _, fs in os.walk(run) for f in fs)
-    return {"paths": [os.path.relpath(p, run) for p in paths], "files": listing}
+    return {"paths": [os.path.relpath(p, run) for p in paths], "files": listing, "converted": converted}
 
 
 def exports_check(args):
-    """export.check_exports on the unsloth backend: quantization names and the llama.cpp lookup."""
+    """export.check_exports on the unsloth backend: the GGUF type names, before anything loads."""
     import export
 
     out = {}

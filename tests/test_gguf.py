@@ -1,0 +1,118 @@
+"""GGUF exports made by llama.cpp's own converter (grpo_math/llama_cpp.py), on the trl backend, end to end:
+the tiny model trains with --save-merged --save-gguf f16,q8_0, and the files read back with the merged
+model's logits; the Modelfile asks as the run trained; export.py --check scores every export.
+
+The tiny model takes the Qwen tokenizer here: the converter refuses a tokenizer it does not know, as
+the --smoke model's, trained in-process, would be. k-quants (q4_k_m) need llama-quantize, a C++ build of
+several minutes: BENCHMARKS.md, "Sharing the model", measures them, not CI. .ci/run fetches the pinned
+llama.cpp (python -m grpo_math.llama_cpp fetch); a test run by hand without it skips.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+import export
+import train_synthetic
+from conftest import need_qwen_tokenizer, run_script
+from grpo_math import fidelity, llama_cpp
+
+# Largest |logit| difference from the merged model allowed, on logits of about +-1.3 (the tiny model). f16 rounds
+# each weight to 11 significant bits (measured: 5e-4); q8_0 to 8 bits per block of 32 (measured: 1.4e-2).
+TOLERANCE = {"f16": 5e-3, "q8_0": 5e-2}
+IDS = [[5, 17, 42, 7, 99, 1000, 20000, 151]]
+
+
+def need_llama_cpp():
+    try:
+        return llama_cpp.source(fetch_if_missing=False)
+    except llama_cpp.LlamaCppMissing as e:
+        if os.environ.get("GRPO_MATH_REQUIRE_DATA") == "1":
+            pytest.fail(f"{e}; .ci/run fetches it", pytrace=False)
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A two-step run of the tiny model with the Qwen tokenizer, its last adapter merged and converted."""
+    need_llama_cpp()
+    from transformers import AutoTokenizer
+
+    from grpo_math.offline import tiny_model_and_tokenizer
+
+    base = str(tmp_path_factory.mktemp("tiny-qwen"))
+    model, tokenizer = tiny_model_and_tokenizer(tokenizer=AutoTokenizer.from_pretrained(need_qwen_tokenizer()))
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    out = str(tmp_path_factory.mktemp("gguf") / "run")
+    train_synthetic.main(["--smoke", "--model-name", base, "--max-steps", "2", "--eval-every", "0",  # the last adapter
+                          "--save-merged", "--save-gguf", "f16,q8_0", "--output-dir", out])
+    return {"out": out, "base": base}
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits
+
+
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_each_gguf_reads_back_with_the_merged_models_logits(run, quant):
+    from transformers import AutoModelForCausalLM
+
+    folder = os.path.join(run["out"], export.GGUF_DIR)
+    merged = logits(AutoModelForCausalLM.from_pretrained(os.path.join(run["out"], export.MERGED_DIR)))
+    assert not torch.allclose(merged, logits(AutoModelForCausalLM.from_pretrained(run["base"])))  # trained, merged
+    gguf = fidelity.load_gguf(os.path.join(folder, llama_cpp.file_name(quant)), run["out"])  # transformers' loader
+    assert (logits(gguf) - merged).abs().max().item() < TOLERANCE[quant]
+    sizes = {q: os.path.getsize(os.path.join(folder, llama_cpp.file_name(q))) for q in TOLERANCE}
+    assert sizes["q8_0"] < 0.7 * sizes["f16"]  # 8.5 bits a weight against 16: really quantized
+
+
+def test_the_modelfile_asks_as_the_run_trained(run):
+    """Ollama fills {{ .Prompt }} with the user's question: the text must be the prompt the run trained on,
+    the agent's instruction included, and stop where the xml answer ends or the turn does."""
+    from agents import get_agents
+    from grpo_math.evaluation import render
+    from grpo_math.models import load_tokenizer
+
+    with open(os.path.join(run["out"], export.GGUF_DIR, "Modelfile")) as f:
+        text = f.read()
+    assert "FROM ./model-F16.gguf\n" in text
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    question = "What is 2 + 3?"
+    instruction = next(iter(get_agents("core").values()))
+    tokenizer = load_tokenizer(run["base"])
+    assert template.replace("{{ .Prompt }}", question) == render(tokenizer, instruction, question, "xml")
+    assert 'PARAMETER stop "</response>"' in text and 'PARAMETER stop "<|im_end|>"' in text
+
+
+def test_export_check_scores_every_export_against_the_adapter(run, capsys):
+    export.main([run["out"], "--check"])
+    with open(os.path.join(run["out"], fidelity.FIDELITY_FILE)) as f:
+        result = json.load(f)
+    with open(os.path.join(run["out"], "eval.json")) as f:
+        assert result["questions"] == len(json.load(f)["records"]) == 2
+    lines = {e["name"]: e for e in result["exports"]}
+    assert list(lines) == ["adapter", "merged", "f16", "q8_0"]
+    assert lines["adapter"]["difference"] is None and lines["merged"]["agreement"] is not None
+    for line in result["exports"]:
+        assert 0 <= line["accuracy"] <= 1 and line["interval"][0] <= line["accuracy"] <= line["interval"][1]
+    assert result["runtime"]["gguf"] in (fidelity.LLAMA_CPP, fidelity.TRANSFORMERS)
+    printed = capsys.readouterr().out
+    assert "merged" in printed and "q8_0" in printed and f"GGUF files read by {result['runtime']['gguf']}" in printed
+
+
+@pytest.mark.parametrize("flags, env, message", [
+    (["--save-gguf", "q4_k_mm"], {}, "--save-gguf q4_k_mm is not a GGUF type the kit makes; choose one or more"),
+    (["--save-gguf", "q8_0"], {"LLAMA_CPP_DIR": "EMPTY"}, "holds no convert_hf_to_gguf.py"),
+])
+def test_a_gguf_that_cannot_be_made_is_refused_before_training(tmp_path, flags, env, message):
+    (tmp_path / "EMPTY").mkdir()
+    env = {k: str(tmp_path / v) for k, v in env.items()}
+    out = tmp_path / "run"
+    proc = run_script("train_synthetic.py", "--smoke", *flags, "--output-dir", str(out), check=False, env=env)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+    assert "step" not in proc.stdout and not out.exists()  # nothing trained, nothing written
