@@ -23,7 +23,6 @@ What an export needs, checked before training where it can be (check_exports):
 import argparse
 import copy
 import functools
-import glob
 import json
 import os
 import shutil
@@ -133,7 +132,7 @@ def modelfile(tokenizer, s, gguf_name):
     if tokenizer.bos_token and template.startswith(tokenizer.bos_token):
         template = template[len(tokenizer.bos_token):]  # llama.cpp adds the BOS the GGUF asks for
     stops = [*STOPS[s["prompt_style"]], families.end_of_turn(tokenizer), tokenizer.eos_token]
-    lines = [f"# ollama create NAME -f Modelfile; then: ollama run NAME \"A question\"",
+    lines = ["# ollama create NAME -f Modelfile; then: ollama run NAME \"A question\"",
              f"FROM ./{gguf_name}",
              'TEMPLATE """' + template.replace(marker, "{{ .Prompt }}") + '"""',
              "PARAMETER temperature 0",

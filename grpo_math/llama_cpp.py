@@ -131,8 +131,9 @@ def convert(hf_dir, out_file, outtype="f16"):
     if outtype not in CONVERTER_TYPES:
         raise ValueError(f"the converter writes {', '.join(CONVERTER_TYPES)}; {outtype} needs quantize()")
     converter = os.path.join(source(), "convert_hf_to_gguf.py")
-    _run([sys.executable, converter, hf_dir, "--outtype", outtype, "--outfile", out_file],
+    _run([sys.executable, converter, hf_dir, "--outtype", outtype, "--outfile", out_file + ".part"],
          f"llama.cpp's convert_hf_to_gguf.py ({outtype})")
+    os.replace(out_file + ".part", out_file)  # whole or absent: a kill mid-write leaves only the .part
     return out_file
 
 
@@ -166,7 +167,8 @@ def build():
 
 def quantize(f16_file, out_file, quant):
     """llama-quantize: an f16 GGUF -> ``quant`` (q4_k_m...)."""
-    _run([build(), f16_file, out_file, quant.upper(), str(os.cpu_count() or 2)], f"llama-quantize ({quant})")
+    _run([build(), f16_file, out_file + ".part", quant.upper(), str(os.cpu_count() or 2)], f"llama-quantize ({quant})")
+    os.replace(out_file + ".part", out_file)
     return out_file
 
 
