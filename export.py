@@ -255,8 +255,8 @@ def main(argv=None):
     adapter_dir, which = best.adapter_to_load(args.run_dir, args.checkpoint)
     print(which)
     if adapter_dir is None:
-        raise SystemExit("nothing to export or push: the run kept the base model, so it has no trained weights; "
-                         "--checkpoint last takes the last adapter")
+        raise SystemExit("nothing to export: the run kept the base model, so it has no trained weights to merge or "
+                         "push; --checkpoint last takes the last adapter")
     kept = best.read(args.run_dir) if adapter_dir != args.run_dir else None
     if args.merged or args.gguf or args.check:
         model, tokenizer = load_run(args.run_dir, backend, model_name, adapter_dir)
