@@ -129,8 +129,9 @@ def modelfile(tokenizer, s, gguf_name):
     marker = "QUESTION_GOES_HERE"
     instruction = next(iter(get_agents(s["agents"]).values()))
     template = render(tokenizer, instruction, marker, s["prompt_style"], s["worked_examples"], s.get("thinking", False))
-    if tokenizer.bos_token and template.startswith(tokenizer.bos_token):
-        template = template[len(tokenizer.bos_token):]  # llama.cpp adds the BOS the GGUF asks for
+    adds_bos = tokenizer.bos_token_id is not None and tokenizer("x").input_ids[:1] == [tokenizer.bos_token_id]
+    if adds_bos and template.startswith(tokenizer.bos_token):
+        template = template[len(tokenizer.bos_token):]  # llama.cpp adds it, as the tokenizer does (Llama 3's)
     stops = [*STOPS[s["prompt_style"]], families.end_of_turn(tokenizer), tokenizer.eos_token]
     lines = ["# ollama create NAME -f Modelfile; then: ollama run NAME \"A question\"",
              f"FROM ./{gguf_name}",

@@ -104,6 +104,31 @@ def test_export_check_scores_every_export_against_the_adapter(run, capsys):
     assert "merged" in printed and "q8_0" in printed and f"GGUF files read by {result['runtime']['gguf']}" in printed
 
 
+@pytest.mark.parametrize("family, bos", [
+    ("qwen2.5", None),
+    ("qwen2.5", "<|im_start|>"),  # SmolLM2's way: its BOS is the token that opens a turn, and the tokenizer adds none
+    ("llama3", None),             # the tokenizer adds <|begin_of_text|>, and the template writes it too
+    ("gemma3", None),             # adds <bos>; the template writes it, and has no system turn
+])
+def test_the_modelfile_gives_llama_cpp_the_tokens_the_run_trained_on(family, bos):
+    """Ollama renders TEMPLATE and tokenizes it, adding a BOS where the GGUF says the tokenizer adds one: the ids
+    must be those of the prompt the run trained on, neither a BOS twice nor a turn's opening token dropped."""
+    from agents import get_agents
+    from families import family_tokenizer
+    from grpo_math.evaluation import render
+
+    tokenizer = family_tokenizer(family)
+    if bos:
+        tokenizer.bos_token = bos
+    text = export.modelfile(tokenizer, {"agents": "core", "prompt_style": "chat", "worked_examples": 1}, "m.gguf")
+    template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    question = "What is 2 + 3?"
+    trained = render(tokenizer, next(iter(get_agents("core").values())), question, "chat", 1)
+    assert (tokenizer(template.replace("{{ .Prompt }}", question)).input_ids
+            == tokenizer(trained, add_special_tokens=False).input_ids)
+    assert 'PARAMETER stop "</SOLUTION>"' in text
+
+
 @pytest.mark.parametrize("flags, env, message", [
     (["--save-gguf", "q4_k_mm"], {}, "--save-gguf q4_k_mm is not a GGUF type the kit makes; choose one or more"),
     (["--save-gguf", "q8_0"], {"LLAMA_CPP_DIR": "EMPTY"}, "holds no convert_hf_to_gguf.py"),
