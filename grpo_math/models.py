@@ -210,6 +210,8 @@ def load_tokenizer(name_or_path):
     or "tiny" (the offline --smoke model's, trained in-process)."""
     from transformers import AutoTokenizer
 
+    from tokenizers import decoders
+
     if name_or_path == "tiny":
         return train_tiny_tokenizer(_tiny_corpus())
     if name_or_path != SMOLLM2:
@@ -218,6 +220,11 @@ def load_tokenizer(name_or_path):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     tokenizer.eos_token = "<|im_end|>"  # the GGUF metadata names <|im_start|>
     tokenizer.pad_token = "<|endoftext|>"
+    # As SmolLM2's own tokenizer.json: byte-level BPE, no byte fallback (the same ids for every text). Read from
+    # the GGUF it has both, and llama.cpp's converter would take a saved copy for a sentencepiece vocabulary.
+    backend = tokenizer.backend_tokenizer
+    backend.decoder, bpe = decoders.ByteLevel(), backend.model
+    bpe.byte_fallback, backend.model = False, bpe
     return tokenizer
 
 
