@@ -156,11 +156,11 @@ def build():
     if missing:
         raise LlamaCppMissing(f"building llama-quantize needs {' and '.join(missing)} (Debian/Ubuntu: apt install "
                               "cmake build-essential); or export f16, bf16 or q8_0, which need no build")
-    jobs = str(os.cpu_count() or 2)
+    src, jobs = source(), str(os.cpu_count() or 2)
     print(f"building llama.cpp's llama-quantize once, with cmake on {jobs} cores (minutes; BENCHMARKS.md gives the "
           f"time), into {build_dir()}")
     log = os.path.join(os.path.dirname(build_dir()), "build-grpo-math.log")
-    _run(["cmake", "-S", source(), "-B", build_dir(), *CMAKE_FLAGS], "cmake (configure)", log=log)
+    _run(["cmake", "-S", src, "-B", build_dir(), *CMAKE_FLAGS], "cmake (configure)", log=log)
     _run(["cmake", "--build", build_dir(), "--target", "llama-quantize", "-j", jobs], "cmake --build", log=log)
     return binary
 
