@@ -6,7 +6,6 @@ prompt, and GSM8K's prompts pass the 256 tokens the kit once assumed: so the con
 prompt + --max-completion-length, or --max-prompt-length leaves the longer prompts out."""
 
 import re
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,7 +14,7 @@ import train_synthetic
 from agents import expand_agents
 from data import load_gsm8k, synthetic_problems
 from grpo_math import models, settings
-from grpo_math.prompt_budget import fit_prompts, prompt_lengths, trainer_chat_template
+from grpo_math.prompt_budget import fit_prompts, prompt_lengths
 from grpo_math.tools import get_tools
 from test_tools import qwen_tokenizer
 
@@ -43,27 +42,54 @@ def gsm8k_rows():
     return load_gsm8k(need_gsm8k(), "train", limit=1000, seed=0).to_list()
 
 
-def trl_lengths(prompts, tokenizer, tools):
-    """The prompts' lengths from TRL's own GRPOTrainer._tokenize_prompts, on a stand-in for the trainer
-    that holds what it reads (the chat template as GRPOTrainer.__init__ picks it)."""
-    from trl import GRPOTrainer
+def qwen3_current_tokenizer():
+    """The Qwen tokenizer with the chat template Qwen3's hub repositories carry now, as TRL ships it: not
+    prefix-preserving, so with tools TRL's GRPOTrainer renders with its own training version of it."""
+    from trl.chat_template_utils import qwen3_chat_template
 
-    trainer = SimpleNamespace(_is_vlm=False, environment_factories=None, processing_class=tokenizer, tools=tools,
-                              chat_template=trainer_chat_template(tokenizer, tools), chat_template_kwargs={})
-    return [len(ids) for ids in GRPOTrainer._tokenize_prompts(trainer, prompts)[0]]
+    tokenizer = qwen_tokenizer()
+    tokenizer.chat_template = qwen3_chat_template
+    return tokenizer
 
 
-@pytest.mark.parametrize("style, tools, examples", [
-    ("chat", "calculator", 0),  # the tools' schemas rendered into the system prompt
-    ("chat", "calculator", 2),  # worked examples as earlier turns, in TRL's training template for tools
-    ("chat", "", 0),
-    ("xml", "", 1),  # plain text, encoded as it is
+@pytest.fixture(scope="module")
+def trainers(tokenizer, tmp_path_factory):
+    """{(template, tools): a real TRL GRPOTrainer} on a tiny model: its __init__ picks the chat template it
+    renders prompts with, and the kit's prompt_lengths must count what it renders."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from grpo_math.families import chat_kwargs
+    from grpo_math.offline import tiny_model_and_tokenizer
+
+    made = {}
+    for template, processing_class in (("qwen2.5", tokenizer), ("qwen3", qwen3_current_tokenizer())):
+        model, _ = tiny_model_and_tokenizer(tokenizer=processing_class)
+        for tools in ("", "calculator"):
+            args = GRPOConfig(output_dir=str(tmp_path_factory.mktemp("trainer")), use_cpu=True, bf16=False,
+                              per_device_train_batch_size=2, num_generations=2, max_completion_length=8,
+                              chat_template_kwargs=chat_kwargs(), report_to=[])
+            made[template, tools] = GRPOTrainer(
+                model=model, reward_funcs=lambda completions, **_: [0.0] * len(completions), args=args,
+                train_dataset=Dataset.from_list([{"prompt": "2 + 2?"}] * 2), processing_class=processing_class,
+                tools=get_tools(tools) or None)
+    return made
+
+
+@pytest.mark.parametrize("template, style, tools, examples", [
+    ("qwen2.5", "chat", "calculator", 0),  # the tools' schemas rendered into the system prompt
+    ("qwen2.5", "chat", "calculator", 2),  # worked examples as earlier turns
+    ("qwen2.5", "chat", "", 0),
+    ("qwen2.5", "xml", "", 1),  # plain text, encoded as it is
+    ("qwen3", "chat", "calculator", 2),  # TRL swaps in its training template for tools
+    ("qwen3", "chat", "", 2),  # ...and keeps the tokenizer's own without them
 ])
-def test_lengths_are_those_trl_renders(tokenizer, gsm8k_rows, style, tools, examples):
+def test_lengths_are_those_trl_renders(trainers, gsm8k_rows, template, style, tools, examples):
     agents = "calculator" if tools else "core"
     prompts = [r["prompt"] for r in expand_agents(gsm8k_rows[:12], agents, "all", style=style, examples=examples)]
-    tools = get_tools(tools)
-    assert prompt_lengths(prompts, tokenizer, tools) == trl_lengths(prompts, tokenizer, tools)
+    trainer = trainers[template, tools]
+    ours = prompt_lengths(prompts, trainer.processing_class, get_tools(tools))
+    assert ours == [len(ids) for ids in trainer._tokenize_prompts(prompts)[0]]  # TRL's own rendering
 
 
 def test_calculator_prompts_set_the_context(tokenizer, calculator_rows, capsys):
