@@ -144,13 +144,14 @@ def test_tools_where_the_template_can_show_them(family, verdict, tokenizers):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_trains_evaluates_and_exports(family, tmp_path):
     """Two steps on the trl backend with grad_norm > 0, evaluate.py in both prompt styles on the trained run,
-    then export.py --merged: a plain model that reloads and gives the trained model's logits."""
+    then export.py --merged: a plain model that reloads and gives the trained model's logits, which the adapter
+    moved well past the merge's tolerance (a learning rate of 0.05 for its one step: step 1's is 0 under warm-up)."""
     from transformers import AutoModelForCausalLM
 
     folder = save_family(family, tmp_path / family)
     run = str(tmp_path / "run")
     train_synthetic.main(["--smoke", "--model-name", folder, "--prompt-style", "chat", "--max-steps", "2",
-                          "--max-completion-length", "12", "--select-examples", "0", "--eval-examples", "0",
+                          "--learning-rate", "0.05", "--max-completion-length", "12", "--select-examples", "0", "--eval-examples", "0",
                           "--output-dir", run])
     steps = [e for e in stats_of(run) if e["step"] > 0]  # after any held-out baseline (step 0)
     assert len(steps) == 2 and all(e["grad_norm"] > 0 for e in steps), steps
@@ -164,8 +165,11 @@ def test_each_family_trains_evaluates_and_exports(family, tmp_path):
     export.main([run, "--merged"])
     merged = AutoModelForCausalLM.from_pretrained(os.path.join(run, export.MERGED_DIR))
     assert type(merged).__name__ == FAMILIES[family][0]
-    trained, _ = models.load_pretrained(folder)
-    trained = models.load_adapter(trained, run)
+    base, _ = models.load_pretrained(folder)
     ids = torch.tensor([[5, 17, 42, 7, 99]])
     with torch.no_grad():
-        assert torch.allclose(merged(ids).logits.float(), trained(ids).logits.float(), atol=1e-4)
+        before = base(ids).logits.float()
+        trained = models.load_adapter(base, run)(ids).logits.float()
+        after = merged(ids).logits.float()
+    assert (trained - before).abs().max() > 1e-2  # the adapter changes the logits: a merge that dropped it fails
+    assert torch.allclose(after, trained, atol=1e-4)
