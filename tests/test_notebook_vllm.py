@@ -1,6 +1,6 @@
-"""Why the notebook install goes without vLLM (README, "Colab, Kaggle and older drivers"), re-read
-from the packages' own metadata on the package index: no vLLM wheel there both runs on a notebook's
-CUDA 12 driver and lies in the range trl supports.
+"""Why the notebook install goes without vLLM (README, "Colab, Kaggle and older drivers"), read from
+the packages' own metadata on the package index: no vLLM wheel there both runs on a notebook's CUDA
+12 driver and lies in the range trl supports.
 
 A vLLM wheel pins one torch (`Requires-Dist: torch==X`), and PyPI's torch wheel of each version is
 built for one CUDA, which its own requirements name (`nvidia-cuda-runtime-cu12`, or
@@ -9,8 +9,14 @@ wheel (PEP 658), a few kB, or where there is none, from the wheel's own METADATA
 requests (under 1 MB). `pip install --dry-run` downloads every wheel it weighs from an index that does
 not advertise those files: 902 MB for torch 2.9.1 alone, measured here.
 
-Needs the package index (PIP_INDEX_URL, else PyPI): skips where it is unreachable, fails instead
-with GRPO_MATH_REQUIRE_DATA=1, as .ci/run sets it."""
+The tests read a snapshot of that metadata, committed beside this file (SNAPSHOT): the versions each
+project has wheels for and the Requires-Dist lines of each wheel the verdicts read. So an outage of the
+index, or a release made after the snapshot, never fails a test of the kit. To read the index again
+(PIP_INDEX_URL, else PyPI), run the same checks on it and write a new snapshot:
+
+    python tests/test_notebook_vllm.py --refresh
+
+then run these tests: a verdict that no longer holds fails them, and the README must say what changed."""
 
 import email.parser
 import functools
@@ -19,6 +25,7 @@ import io
 import json
 import os
 import re
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -32,6 +39,8 @@ from packaging.version import Version
 from conftest import ROOT
 
 INDEX = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+SNAPSHOT = os.path.join(ROOT, "tests", "index_snapshot.json")
+LIVE = {}  # set by --refresh: the live index is read, and what it answered is recorded here
 # A notebook: Linux x86_64 and Python 3.12 (Kaggle; Colab's runtime 2026.07) or 3.13 (Colab now).
 NOTEBOOK = {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
             "python_version": "3.12", "extra": ""}
@@ -52,7 +61,7 @@ def fetch(url, accept="*/*"):
 
 
 @functools.lru_cache(maxsize=None)
-def wheels(name):
+def live_wheels(name):
     """{version: url} of the project's Linux x86_64 wheels on the index, yanked ones left out; of a
     version with several builds (vllm 0.23.0 and 0.23.0-2), the newest build."""
     page = f"{INDEX}/{canonicalize_name(name)}/"
@@ -121,10 +130,30 @@ def wheel_metadata(url):
 
 
 @functools.lru_cache(maxsize=None)
+def snapshot():
+    with open(SNAPSHOT) as f:
+        return json.load(f)
+
+
+def releases(name):
+    """The versions the project has a Linux x86_64 wheel for: the snapshot's, or the live index's under --refresh."""
+    if LIVE:
+        LIVE["wheels"][name] = sorted(map(str, live_wheels(name)), key=Version)
+        return [Version(v) for v in LIVE["wheels"][name]]
+    return [Version(v) for v in snapshot()["wheels"][name]]
+
+
+@functools.lru_cache(maxsize=None)
 def requires(name, version):
-    """The Requires-Dist lines that apply in a notebook, from the wheel's metadata."""
-    metadata = email.parser.Parser().parsestr(wheel_metadata(wheels(name)[Version(version)]))
-    reqs = [Requirement(line) for line in metadata.get_all("Requires-Dist") or []]
+    """The Requires-Dist lines that apply in a notebook, from the wheel's metadata (the snapshot's copy)."""
+    key = f"{name}=={version}"
+    if LIVE:
+        metadata = email.parser.Parser().parsestr(wheel_metadata(live_wheels(name)[Version(version)]))
+        LIVE["requires"][key] = lines = metadata.get_all("Requires-Dist") or []
+    else:
+        lines = snapshot()["requires"].get(key)
+        assert lines is not None, f"{SNAPSHOT} holds no metadata for {key}: python tests/test_notebook_vllm.py --refresh"
+    reqs = [Requirement(line) for line in lines]
     return [r for r in reqs if r.marker is None or r.marker.evaluate(NOTEBOOK)]
 
 
@@ -158,16 +187,14 @@ def trl_vllm_range():
 
 @pytest.fixture(scope="module")
 def vllm_releases():
-    """vLLM's released versions with a Linux x86_64 wheel on the index; a skip (a failure under
-    .ci/run) where the index cannot be reached."""
-    try:
-        found = wheels("vllm")
-    except OSError as e:
-        why = f"the package index {INDEX} is unreachable ({e})"
-        if os.environ.get("GRPO_MATH_REQUIRE_DATA") == "1":
-            pytest.fail(why + "; GRPO_MATH_REQUIRE_DATA=1 asks for it", pytrace=False)
-        pytest.skip(why)
-    return sorted(v for v in found if not v.is_prerelease)
+    """vLLM's released versions with a Linux x86_64 wheel on the index, as the snapshot took them."""
+    return sorted(v for v in releases("vllm") if not v.is_prerelease)
+
+
+def test_the_snapshot_is_of_the_index_the_readme_cites():
+    taken = snapshot()
+    assert taken["index"] == "https://pypi.org/simple" and re.fullmatch(r"\d{4}-\d{2}-\d{2}", taken["taken"])
+    assert taken["wheels"]["vllm"] and taken["requires"]
 
 
 def test_the_installed_trl_is_the_pinned_one_and_supports_vllm_0_20_to_0_30():
@@ -203,3 +230,34 @@ def test_the_newest_cuda_12_vllm_is_0_19_1_below_trls_range(vllm_releases):
     for package in ("unsloth", "unsloth_zoo"):
         (torch,) = [r for r in requires(package, kit[package]) if r.name == "torch"]
         assert ITS_TORCH in torch.specifier, f"{package} {kit[package]} asks for torch{torch.specifier}"
+
+
+def refresh():
+    """Read the index again, run the verdicts on what it answers, and write what they read as SNAPSHOT."""
+    import datetime
+    import traceback
+
+    LIVE.update(wheels={}, requires={})
+    verdicts = [test_every_vllm_trl_supports_needs_a_cuda_13_torch, test_the_newest_cuda_12_vllm_is_0_19_1_below_trls_range]
+    failed = 0
+    for check in verdicts:
+        try:
+            check(sorted(v for v in releases("vllm") if not v.is_prerelease))
+        except AssertionError:
+            failed += 1
+            print(f"{check.__name__} no longer holds on {INDEX}:\n{traceback.format_exc(limit=1)}")
+    taken = {"index": INDEX, "taken": datetime.date.today().isoformat(), "wheels": LIVE["wheels"],
+             "requires": dict(sorted(LIVE["requires"].items()))}
+    with open(SNAPSHOT + ".part", "w") as f:
+        json.dump(taken, f, indent=1)
+        f.write("\n")
+    os.replace(SNAPSHOT + ".part", SNAPSHOT)
+    print(f"{SNAPSHOT}: {len(taken['requires'])} wheels' requirements from {INDEX}, {taken['taken']}; "
+          f"{failed} of {len(verdicts)} verdicts changed (README, 'Colab, Kaggle and older drivers')")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--refresh"]:
+        raise SystemExit("usage: python tests/test_notebook_vllm.py --refresh  (reads the package index again)")
+    raise SystemExit(refresh())
