@@ -42,6 +42,15 @@ def family_tokenizer(family):
 def tiny_family_model(family, tokenizer, seed=0):
     import transformers
 
+    config = family_config(family, tokenizer)
+    torch.manual_seed(seed)
+    return getattr(transformers, config.architectures[0])(config)
+
+
+def family_config(family, tokenizer):
+    """The tiny model's config, of the family's real class."""
+    import transformers
+
     architecture = FAMILIES[family][0]
     shape = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
@@ -53,8 +62,7 @@ def tiny_family_model(family, tokenizer, seed=0):
         shape.update(sliding_window=64, query_pre_attn_scalar=32)
     config = getattr(transformers, config_class)(**shape)
     config.architectures = [architecture]
-    torch.manual_seed(seed)
-    return getattr(transformers, architecture)(config)
+    return config
 
 
 def save_family(family, folder, seed=0):
