@@ -112,31 +112,34 @@ def test_grpo_with_vllm_calls_the_calculator(tmp_path):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_each_family_trains_and_evaluates_with_vllm(tmp_path, family):
     """Each family's tiny model (tests/families.py, the real tokenizer and architecture class) in the chat
-    form: 2 steps with vLLM sampling and the trained weights synced into it, then evaluate.py --engine vllm
-    on the run, both in one process (tests/vllm_cpu.py --evaluate) so that torch, TRL and vLLM load once."""
+    form: 3 steps with vLLM sampling and the trained weights synced into it (the sync before step 3 is the
+    first to carry weights that moved), then evaluate.py --engine vllm on the run, both in one process
+    (tests/vllm_cpu.py --evaluate) so that torch, TRL and vLLM load once."""
     need_vllm()
     model, run, out = save_family(family, tmp_path / "model"), tmp_path / "run", tmp_path / "vllm.json"
     evaluate_flags = ["--model-name", model, "--adapter", str(run), "--checkpoint", "last", "--engine", "vllm",
                       "--dataset", "synthetic:easy", "--n", "2", "--calibration-n", "0", "--agents", "1",
                       "--max-new-tokens", "16", "--no-ensemble", "--no-perplexity", "--out", str(tmp_path / "eval")]
     proc = run_script("tests/vllm_cpu.py", "--out", str(out), "--evaluate", shlex.join(evaluate_flags),
-                      "train_synthetic.py", "--smoke", "--vllm", "on", "--max-steps", "2", "--skip-evaluation",
-                      "--model-name", model, "--prompt-style", "chat", "--output-dir", str(run))
+                      "train_synthetic.py", *TRAIN, "--skip-evaluation", "--model-name", model, "--prompt-style", "chat",
+                      "--output-dir", str(run))
     record = json.loads(out.read_text())
     assert "generation: vLLM, TRL's colocate mode (--vllm on)" in proc.stdout
-    assert len(record["completions"]) == 2 * 4 and len(set(record["completions"])) > 1  # 2 steps x a group of 4
+    assert len(record["completions"]) == 3 * 4 and len(set(record["completions"])) > 1  # 3 steps x a group of 4
     stats = stats_of(run)  # --skip-evaluation: no step 0 baseline
-    assert [e["step"] for e in stats] == [1, 2]
+    assert [e["step"] for e in stats] == [1, 2, 3]
     for entry in stats:
         assert entry["grad_norm"] > 0
         assert entry[progress.DRIFT] < progress.DRIFT_THRESHOLD / 10 and "warning" not in entry  # measured: < 0.002
     # After each sync, vLLM's every linear layer computes what the trained model's does, in each architecture.
     # vLLM warns "Failed to load weights" for the modules the sync does not carry (the rotary embedding, the tied
-    # head, Gemma 3's embedding scale) and keeps their tensors: step 2, sampled after a sync, drifts no more.
-    assert len(record["syncs"]) == 2 and all(len(sync["trained"]) == 2 * 4 for sync in record["syncs"])
+    # head, Gemma 3's embedding scale) and keeps their tensors: steps sampled after a sync drift no more. The last
+    # sync carries weights that moved: vLLM then computes what they do, far from what the base's do.
+    assert len(record["syncs"]) == 3 and all(len(sync["trained"]) == 2 * 4 for sync in record["syncs"])
     assert max(max(sync["trained"].values()) for sync in record["syncs"]) < 0.02
+    assert max(record["syncs"][-1]["base"].values()) > 0.1
     assert "engine: vLLM generates the agents' answers" in proc.stdout
-    assert f"{run}: loading the last adapter (step 2)" in proc.stdout
+    assert f"{run}: loading the last adapter (step 3)" in proc.stdout
     questions = json.loads((tmp_path / "eval" / "eval.json").read_text())["runs"]["trained"]["questions"]
     answers = [answer["completion"] for q in questions for answer in q["agents"]["step_by_step"]]
     assert len(questions) == 2 and answers == [text for text, _ in record["evaluated"]]  # vLLM's, one a question
