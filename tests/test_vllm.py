@@ -2,7 +2,7 @@
 backend, and evaluate.py --engine vllm. Each run is a process of its own (colocate mode leaves a
 process group behind); tests/vllm_cpu.py runs the training scripts and records what vLLM returned
 and what it holds after each weight sync. Each model family of tests/families.py trains and is evaluated
-so too. Without vLLM installed these tests skip, except the refusals of --vllm on and --engine vllm, which
+so too, the four in turn in one process. Without vLLM installed these tests skip, except the refusals of --vllm on and --engine vllm, which
 are for exactly that case."""
 
 import inspect
@@ -109,22 +109,38 @@ def test_grpo_with_vllm_calls_the_calculator(tmp_path):
     assert "| tools " in stdout
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_each_family_trains_and_evaluates_with_vllm(tmp_path, family):
-    """Each family's tiny model (tests/families.py, the real tokenizer and architecture class) in the chat
-    form: 3 steps with vLLM sampling and the trained weights synced into it (the sync before step 3 is the
-    first to carry weights that moved), then evaluate.py --engine vllm on the run, both in one process
-    (tests/vllm_cpu.py --evaluate) so that torch, TRL and vLLM load once."""
+@pytest.fixture(scope="module")
+def families_with_vllm(tmp_path_factory):
+    """Each family's tiny model (tests/families.py) trained and then evaluated with vLLM, the four in turn in one
+    process (tests/vllm_cpu.py --families), so that torch, TRL and vLLM load once: (each family's record, its
+    folders, the process's stdout)."""
     need_vllm()
-    model, run, out = save_family(family, tmp_path / "model"), tmp_path / "run", tmp_path / "vllm.json"
-    evaluate_flags = ["--model-name", model, "--adapter", str(run), "--checkpoint", "last", "--engine", "vllm",
-                      "--dataset", "synthetic:easy", "--n", "2", "--calibration-n", "0", "--agents", "1",
-                      "--max-new-tokens", "16", "--no-ensemble", "--no-perplexity", "--out", str(tmp_path / "eval")]
-    proc = run_script("tests/vllm_cpu.py", "--out", str(out), "--evaluate", shlex.join(evaluate_flags),
-                      "train_synthetic.py", *TRAIN, "--skip-evaluation", "--model-name", model, "--prompt-style", "chat",
-                      "--output-dir", str(run))
-    record = json.loads(out.read_text())
-    assert "generation: vLLM, TRL's colocate mode (--vllm on)" in proc.stdout
+    tmp = tmp_path_factory.mktemp("families")
+    for family in FAMILIES:
+        save_family(family, tmp / "models" / family)
+    folders = {"model": str(tmp / "models" / "FAMILY"), "run": str(tmp / "runs" / "FAMILY"),
+               "eval": str(tmp / "eval" / "FAMILY")}
+    evaluate_flags = ["--model-name", folders["model"], "--adapter", folders["run"], "--checkpoint", "last",
+                      "--engine", "vllm", "--dataset", "synthetic:easy", "--n", "2", "--calibration-n", "0",
+                      "--agents", "1", "--max-new-tokens", "16", "--no-ensemble", "--no-perplexity",
+                      "--out", folders["eval"]]
+    out = tmp / "vllm.json"
+    proc = run_script("tests/vllm_cpu.py", "--out", str(out), "--families", ",".join(FAMILIES),
+                      "--evaluate", shlex.join(evaluate_flags), "train_synthetic.py", *TRAIN, "--skip-evaluation",
+                      "--model-name", folders["model"], "--prompt-style", "chat", "--output-dir", folders["run"])
+    return json.loads(out.read_text()), folders, proc.stdout
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_each_family_trains_and_evaluates_with_vllm(families_with_vllm, family):
+    """Each family's tiny model (the real tokenizer and architecture class) in the chat form: 3 steps with vLLM
+    sampling and the trained weights synced into it (the sync before step 3 is the first to carry weights that
+    moved), then evaluate.py --engine vllm on the run."""
+    records, folders, stdout = families_with_vllm
+    record = records[family]
+    run, evaluated = folders["run"].replace("FAMILY", family), folders["eval"].replace("FAMILY", family)
+    part = stdout.split(f"== {family}\n", 1)[1].split("\n== ", 1)[0]  # this family's output
+    assert "generation: vLLM, TRL's colocate mode (--vllm on)" in part
     assert len(record["completions"]) == 3 * 4 and len(set(record["completions"])) > 1  # 3 steps x a group of 4
     stats = stats_of(run)  # --skip-evaluation: no step 0 baseline
     assert [e["step"] for e in stats] == [1, 2, 3]
@@ -138,9 +154,10 @@ def test_each_family_trains_and_evaluates_with_vllm(tmp_path, family):
     assert len(record["syncs"]) == 3 and all(len(sync["trained"]) == 2 * 4 for sync in record["syncs"])
     assert max(max(sync["trained"].values()) for sync in record["syncs"]) < 0.02
     assert max(record["syncs"][-1]["base"].values()) > 0.1
-    assert "engine: vLLM generates the agents' answers" in proc.stdout
-    assert f"{run}: loading the last adapter (step 3)" in proc.stdout
-    questions = json.loads((tmp_path / "eval" / "eval.json").read_text())["runs"]["trained"]["questions"]
+    assert "engine: vLLM generates the agents' answers" in part
+    assert f"{run}: loading the last adapter (step 3)" in part
+    with open(os.path.join(evaluated, "eval.json")) as f:
+        questions = json.load(f)["runs"]["trained"]["questions"]
     answers = [answer["completion"] for q in questions for answer in q["agents"]["step_by_step"]]
     assert len(questions) == 2 and answers == [text for text, _ in record["evaluated"]]  # vLLM's, one a question
 

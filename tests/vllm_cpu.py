@@ -19,6 +19,10 @@ the base model all run long.
 that torch, TRL and vLLM are imported once (some 15 s on a CPU). RESULT.json's "evaluated" then holds every
 (text, token count) that vLLM returned to evaluate.py (VLLMEngine.answers, wrapped).
 
+--families F1,F2 trains and evaluates each of those model families (tests/families.py) in turn, in this one
+process: FAMILY in the script's flags and in --evaluate's is replaced by the family's name, and RESULT.json
+holds {family: its record}. Each training starts a vLLM engine of its own, and so does each evaluation.
+
 --crafted replaces the tiny model with one whose next token depends only on the current one (its
 attention and MLP outputs are zero, and its untied output layer maps each token's embedding to its
 successors): after the prompt it writes "a" or "b" at random, writes "</response>" with probability
@@ -164,15 +168,18 @@ def main():
     p.add_argument("--no-sync", action="store_true",
                    help="a stand-in for the weight sync that does nothing: vLLM keeps sampling from the base model")
     p.add_argument("--evaluate", metavar="FLAGS", help="evaluate.py's flags, run after the training (docstring)")
+    p.add_argument("--families", help="comma-separated families of tests/families.py, in turn (docstring)")
     p.add_argument("script", help="train_synthetic.py or train_gsm8k.py")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the script's flags")
     args = p.parse_args()
 
     import trl.generation.vllm_generation as vllm_generation
 
-    from grpo_math import grpo_trainer, models
+    import evaluate
+    from grpo_math import grpo_trainer, models, vllm_engine
 
-    record = {"completions": [], "prompts": [], "sampling": None, "syncs": []}
+    records = {}
+    record = {}  # the record being written: one per family with --families
     global TINY
     if args.crafted or args.crafted_tools:
         TINY, models.tiny_model_and_tokenizer = models.tiny_model_and_tokenizer, (
@@ -198,27 +205,29 @@ def main():
         record["syncs"].append(linear_errors(runner.model, generation.model))
 
     grpo_trainer.sync_vllm_weights = checked_sync
+    answers = vllm_engine.VLLMEngine.answers
+
+    def recorded_answers(self, *a, **kw):
+        out = answers(self, *a, **kw)
+        record["evaluated"] += [answer for row in out for answer in row]
+        return out
+
+    vllm_engine.VLLMEngine.answers = recorded_answers
     script = __import__(os.path.basename(args.script).removesuffix(".py"))
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     try:
-        script.main(rest)
-        if args.evaluate is not None:
-            import evaluate
-            from grpo_math import vllm_engine
-
-            answers = vllm_engine.VLLMEngine.answers
-
-            def recorded_answers(self, *a, **kw):
-                out = answers(self, *a, **kw)
-                record["evaluated"] += [answer for row in out for answer in row]
-                return out
-
-            vllm_engine.VLLMEngine.answers = recorded_answers
-            record["evaluated"] = []
-            evaluate.main(shlex.split(args.evaluate))
+        for family in args.families.split(",") if args.families else [None]:
+            named = (lambda flags: [f.replace("FAMILY", family) for f in flags]) if family else (lambda flags: flags)
+            record = records[family] = {"completions": [], "prompts": [], "sampling": None, "syncs": []}
+            if family:
+                print(f"== {family}", flush=True)
+            script.main(named(rest))
+            if args.evaluate is not None:
+                record["evaluated"] = []
+                evaluate.main(named(shlex.split(args.evaluate)))
     finally:
         with open(args.out, "w") as f:
-            json.dump(record, f)
+            json.dump(records if args.families else record, f)
 
 
 if __name__ == "__main__":
