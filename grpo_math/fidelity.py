@@ -80,7 +80,8 @@ def score_gguf(gguf_file, tokenizer, rows, s, run_dir):
             if proc.returncode == 0:
                 with open(out) as f:
                     return json.load(f), LLAMA_CPP
-        why = f"signal {-proc.returncode}" if proc.returncode < 0 else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        why = f"signal {-proc.returncode}" if proc.returncode < 0 else last
         print(f"llama.cpp's runtime failed on {os.path.basename(gguf_file)} ({why}): reading it with {TRANSFORMERS}")
     return score_transformers(load_gguf(gguf_file, run_dir), tokenizer, rows, s), TRANSFORMERS
 

@@ -151,8 +151,8 @@ def test_each_family_trains_evaluates_and_exports(family, tmp_path):
     folder = save_family(family, tmp_path / family)
     run = str(tmp_path / "run")
     train_synthetic.main(["--smoke", "--model-name", folder, "--prompt-style", "chat", "--max-steps", "2",
-                          "--learning-rate", "0.05", "--max-completion-length", "12", "--select-examples", "0", "--eval-examples", "0",
-                          "--output-dir", run])
+                          "--learning-rate", "0.05", "--max-completion-length", "12", "--select-examples", "0",
+                          "--eval-examples", "0", "--output-dir", run])
     steps = [e for e in stats_of(run) if e["step"] > 0]  # after any held-out baseline (step 0)
     assert len(steps) == 2 and all(e["grad_norm"] > 0 for e in steps), steps
     for style in ("chat", "xml"):

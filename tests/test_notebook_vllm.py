@@ -152,7 +152,7 @@ def requires(name, version):
         LIVE["requires"][key] = lines = metadata.get_all("Requires-Dist") or []
     else:
         lines = snapshot()["requires"].get(key)
-        assert lines is not None, f"{SNAPSHOT} holds no metadata for {key}: python tests/test_notebook_vllm.py --refresh"
+        assert lines is not None, f"{SNAPSHOT} holds no metadata for {key}: run this file with --refresh"
     reqs = [Requirement(line) for line in lines]
     return [r for r in reqs if r.marker is None or r.marker.evaluate(NOTEBOOK)]
 
@@ -185,10 +185,14 @@ def trl_vllm_range():
     raise AssertionError("trl declares no vllm extra")
 
 
+def vllm_release_list():
+    """vLLM's released versions with a Linux x86_64 wheel on the index (the snapshot's, or the live index's)."""
+    return sorted(v for v in releases("vllm") if not v.is_prerelease)
+
+
 @pytest.fixture(scope="module")
 def vllm_releases():
-    """vLLM's released versions with a Linux x86_64 wheel on the index, as the snapshot took them."""
-    return sorted(v for v in releases("vllm") if not v.is_prerelease)
+    return vllm_release_list()
 
 
 def test_the_snapshot_is_of_the_index_the_readme_cites():
@@ -238,11 +242,12 @@ def refresh():
     import traceback
 
     LIVE.update(wheels={}, requires={})
-    verdicts = [test_every_vllm_trl_supports_needs_a_cuda_13_torch, test_the_newest_cuda_12_vllm_is_0_19_1_below_trls_range]
+    verdicts = [test_every_vllm_trl_supports_needs_a_cuda_13_torch,
+                test_the_newest_cuda_12_vllm_is_0_19_1_below_trls_range]
     failed = 0
     for check in verdicts:
         try:
-            check(sorted(v for v in releases("vllm") if not v.is_prerelease))
+            check(vllm_release_list())
         except AssertionError:
             failed += 1
             print(f"{check.__name__} no longer holds on {INDEX}:\n{traceback.format_exc(limit=1)}")

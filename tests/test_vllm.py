@@ -2,8 +2,8 @@
 backend, and evaluate.py --engine vllm. Each run is a process of its own (colocate mode leaves a
 process group behind); tests/vllm_cpu.py runs the training scripts and records what vLLM returned
 and what it holds after each weight sync. Each model family of tests/families.py trains and is evaluated
-so too, the four in turn in one process. Without vLLM installed these tests skip, except the refusals of --vllm on and --engine vllm, which
-are for exactly that case."""
+so too, the four in turn in one process. Without vLLM installed these tests skip, except the refusals of
+--vllm on and --engine vllm, which are for exactly that case."""
 
 import inspect
 import json

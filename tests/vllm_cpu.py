@@ -178,8 +178,8 @@ def main():
     import evaluate
     from grpo_math import grpo_trainer, models, vllm_engine
 
-    records = {}
-    record = {}  # the record being written: one per family with --families
+    records = {}  # family (None without --families) -> its record
+    record = None  # the one being written, which the wrappers below add to
     global TINY
     if args.crafted or args.crafted_tools:
         TINY, models.tiny_model_and_tokenizer = models.tiny_model_and_tokenizer, (
@@ -217,7 +217,9 @@ def main():
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     try:
         for family in args.families.split(",") if args.families else [None]:
-            named = (lambda flags: [f.replace("FAMILY", family) for f in flags]) if family else (lambda flags: flags)
+            def named(flags):
+                return [f.replace("FAMILY", family) for f in flags] if family else flags
+
             record = records[family] = {"completions": [], "prompts": [], "sampling": None, "syncs": []}
             if family:
                 print(f"== {family}", flush=True)
