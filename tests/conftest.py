@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -18,14 +19,36 @@ QWEN_TOKENIZER_DIR = os.path.join(SHARED_DATA, "qwen-tokenizer")
 SCRIPT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_CI_ENV": "1"}
 
 
+_forks = None
+
+
+def forks():
+    """The session's fork server (tests/forks.py): script runs that skip importing torch, transformers, trl,
+    peft and datasets, each in a process of its own, with SCRIPT_ENV. Started at its first run."""
+    global _forks
+    if _forks is None:
+        from forks import ForkServer
+
+        _forks = ForkServer({**os.environ, **SCRIPT_ENV}, ROOT)
+    return _forks
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _forks is not None:
+        _forks.close()
+
+
 def run_script(script, *flags, check=True, env=None):
     """``python SCRIPT FLAGS`` in the repo, to the end (``python -m SCRIPT`` for a module such as
-    bench.learning_study); fails the test on a non-zero exit if ``check``."""
+    bench.learning_study); fails the test on a non-zero exit if ``check``. Forked from the session's
+    server (forks() above), except with an ``env`` of its own, which a fresh interpreter reads."""
     command = [os.path.join(ROOT, script)] if script.endswith(".py") else ["-m", script]
-    proc = subprocess.run(
-        [sys.executable, *command, *flags],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, **SCRIPT_ENV, **(env or {})},
-    )
+    if env is None:
+        with tempfile.TemporaryDirectory() as folder:
+            proc = forks().run([*command, *flags], folder).result(timeout=600)
+    else:
+        proc = subprocess.run([sys.executable, *command, *flags], capture_output=True, text=True, cwd=ROOT,
+                              timeout=600, env={**os.environ, **SCRIPT_ENV, **env})
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {flags} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

@@ -2,31 +2,28 @@
 
 Each fault is injected at the same point on every run (tests/faults.py), so these tests are
 deterministic. After each, --resume must end with one stats entry per step, 1..4, and the same
-rewards as an uninterrupted run. The runs go side by side, each on one thread, to keep CI short.
+rewards as an uninterrupted run. The runs go side by side, each on one thread, forked from a process that
+has already imported the libraries (tests/forks.py), to keep CI short.
 """
 
 import hashlib
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT, SCRIPT_ENV, run_script, stats_of
+from conftest import ROOT, forks, stats_of
 from grpo_math import runs
 
 SCRIPT = "train_synthetic.py"
 SMOKE = ["--smoke", "--skip-evaluation"]  # 4 steps, a checkpoint every 2
 
 
-def run_side_by_side(commands):
-    """Start every command, then wait for each: [CompletedProcess-like (returncode, stdout, stderr)]."""
-    env = {**os.environ, **SCRIPT_ENV}
-    procs = [subprocess.Popen([sys.executable, *c], cwd=ROOT, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outputs)]
+def run_side_by_side(commands, folder):
+    """Start every command (forked: conftest.forks), then wait for each: [CompletedProcess]."""
+    started = [forks().run(c, os.path.join(folder, str(i))) for i, c in enumerate(commands)]
+    return [run.result(timeout=600) for run in started]
 
 
 def folder_digest(folder):
@@ -61,7 +58,7 @@ def runs_dir(tmp_path_factory):
         [[os.path.join(ROOT, SCRIPT), *SMOKE, "--output-dir", out["straight"]],
          [os.path.join(ROOT, SCRIPT), *SMOKE, "--output-dir", out["short"], "--max-steps", "2"]]
         + [[os.path.join(ROOT, "tests", "faults.py"), fault, SCRIPT, *SMOKE, "--output-dir", out[fault]]
-           for fault in FAULTS]
+           for fault in FAULTS], base / "first"
     )
     for proc in first[:2]:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -73,7 +70,7 @@ def runs_dir(tmp_path_factory):
     resumed = run_side_by_side(
         [[os.path.join(ROOT, SCRIPT), "--resume", "--output-dir", out["straight"]],
          [os.path.join(ROOT, SCRIPT), "--resume", "--output-dir", out["short"], "--max-steps", "4"]]
-        + [[os.path.join(ROOT, SCRIPT), "--resume", "--output-dir", out[fault]] for fault in FAULTS]
+        + [[os.path.join(ROOT, SCRIPT), "--resume", "--output-dir", out[fault]] for fault in FAULTS], base / "resumed"
     )
     return {"out": out, "after_fault": after_fault, "straight_before_resume": before,
             "resumed": dict(zip(["straight", "short", *FAULTS], resumed))}
