@@ -2,7 +2,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -38,14 +37,20 @@ def pytest_sessionfinish(session, exitstatus):
         _forks.close()
 
 
+def side_by_side(commands):
+    """``python COMMAND`` for each command (a script's path, relative to the repo or not, then its flags), all
+    started at once, forked from the session's server; then each one's CompletedProcess, in order."""
+    started = [forks().run(c) for c in commands]
+    return [run.result(timeout=600) for run in started]
+
+
 def run_script(script, *flags, check=True, env=None):
     """``python SCRIPT FLAGS`` in the repo, to the end (``python -m SCRIPT`` for a module such as
     bench.learning_study); fails the test on a non-zero exit if ``check``. Forked from the session's
     server (forks() above), except with an ``env`` of its own, which a fresh interpreter reads."""
     command = [os.path.join(ROOT, script)] if script.endswith(".py") else ["-m", script]
     if env is None:
-        with tempfile.TemporaryDirectory() as folder:
-            proc = forks().run([*command, *flags], folder).result(timeout=600)
+        proc = forks().run([*command, *flags]).result(timeout=600)
     else:
         proc = subprocess.run([sys.executable, *command, *flags], capture_output=True, text=True, cwd=ROOT,
                               timeout=600, env={**os.environ, **SCRIPT_ENV, **env})

@@ -20,6 +20,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 
 PRELOAD = ("torch", "transformers", "datasets", "peft", "accelerate", "trl", "matplotlib")
@@ -93,6 +94,7 @@ class ForkServer:
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
         assert self.proc.stdout.readline().strip() == "ready", "tests/forks.py did not start"
+        self.outputs, self.runs = tempfile.TemporaryDirectory(), 0  # each run's stdout and stderr
         self.waiting = []  # one list per command sent, in order: its pid goes there
         self.ended = {}  # pid -> exit code
         self.gone = False  # the server ended: nothing more starts or ends
@@ -112,12 +114,11 @@ class ForkServer:
             self.gone = True
             self.changed.notify_all()
 
-    def run(self, argv, folder):
-        """Start ``python ARGV`` (a script's path or "-m MODULE", then its flags), its output in FOLDER/stdout and
-        FOLDER/stderr."""
-        os.makedirs(folder, exist_ok=True)
-        command = {"argv": argv, "cwd": self.cwd, "stdout": os.path.join(folder, "stdout"),
-                   "stderr": os.path.join(folder, "stderr")}
+    def run(self, argv):
+        """Start ``python ARGV`` (a script's path or "-m MODULE", then its flags)."""
+        self.runs += 1
+        out = os.path.join(self.outputs.name, str(self.runs))
+        command = {"argv": [str(a) for a in argv], "cwd": self.cwd, "stdout": out + ".out", "stderr": out + ".err"}
         slot = []
         with self.changed:
             self.waiting.append(slot)
@@ -130,6 +131,7 @@ class ForkServer:
     def close(self):
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
+        self.outputs.cleanup()
 
 
 class ForkedRun:

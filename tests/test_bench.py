@@ -3,7 +3,6 @@ arithmetic behind its figures."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from bench import bench, bench_worker
-from conftest import ROOT
+from conftest import run_script
 from grpo_math import models
 
 FIGURES = ("step_s", "generation_s", "train_s", "tokens_per_s", "decode_tokens_per_s",
@@ -23,12 +22,7 @@ FIGURES = ("step_s", "generation_s", "train_s", "tokens_per_s", "decode_tokens_p
 def smoke(tmp_path_factory):
     """One `python -m bench.bench --smoke --json` run, shared by the tests that read its output."""
     path = tmp_path_factory.mktemp("bench") / "x.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.bench", "--smoke", "--json", str(path)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"},
-    )
-    assert proc.returncode == 0, f"bench.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = run_script("bench.bench", "--smoke", "--json", str(path))
     with open(path) as f:
         return proc.stdout, json.load(f)
 

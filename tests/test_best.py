@@ -5,8 +5,6 @@ the held-out sets, apart from each other and from the training rows."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import load_file
 
 import evaluate
 import export
-from conftest import ROOT, SCRIPT_ENV, assert_held_out_sets_apart, stats_of
+from conftest import assert_held_out_sets_apart, forks, stats_of
 from grpo_math import best, held_out
 
 SCRIPT = "train_synthetic.py"
@@ -62,13 +60,12 @@ def test_early_evaluations_are_scheduled():
 
 
 def popen(fault, *flags):
-    return subprocess.Popen([sys.executable, os.path.join("tests", "faults.py"), fault, SCRIPT, *flags], cwd=ROOT,
-                            env={**os.environ, **SCRIPT_ENV}, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """tests/faults.py FAULT SCRIPT FLAGS, started (forked: conftest.forks)."""
+    return forks().run([os.path.join("tests", "faults.py"), fault, SCRIPT, *flags])
 
 
-def finished(proc):
-    stdout, stderr = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+def finished(run):
+    return run.result(timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,13 @@ perplexity), on generated problems, and quick_eval on the same model."""
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import evaluate
 from agents import WORKED_EXAMPLES, get_agents
+from conftest import forks
 from data import synthetic_problems
 from grpo_math import evaluation, report, scoring
 from grpo_math.models import add_lora, tiny_model_and_tokenizer
@@ -211,9 +210,8 @@ def saved(tmp_path_factory):
 
 
 def run_script(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # see one_thread
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=300)
+    """``python evaluate.py ARGS``, forked from the session's server (conftest.forks), on one thread."""
+    return forks().run([SCRIPT, *args]).result(timeout=300)
 
 
 SUMMARY_KEYS = {"n", "agents", "best_agent", "best_agent_accuracy", "majority_vote", "weighted_vote", "ensemble",

@@ -5,14 +5,12 @@ reward-hacking warning."""
 
 import json
 import os
-import subprocess
-import sys
 import time
 import types
 
 import pytest
 
-from conftest import ROOT, SCRIPT_ENV, run_script, stats_of
+from conftest import run_script, side_by_side, stats_of
 from grpo_math import best, held_out, progress
 
 SCRIPT = "train_synthetic.py"
@@ -33,10 +31,7 @@ def smoke_runs(tmp_path_factory):
                 [SCRIPT, "--smoke", "--eval-every", "0", "--output-dir", out["off"]],
                 [os.path.join("tests", "faults.py"), "kill-after-step-3", SCRIPT, "--smoke", "--eval-every", "2",
                  "--output-dir", out["killed"]]]
-    procs = [subprocess.Popen([sys.executable, *c], cwd=ROOT, env={**os.environ, **SCRIPT_ENV}, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    first = [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outputs)]
+    first = side_by_side(commands)
     for proc in first[:2]:
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert first[2].returncode == -9, first[2].stderr[-3000:]

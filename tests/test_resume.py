@@ -13,17 +13,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT, forks, stats_of
+from conftest import ROOT, side_by_side, stats_of
 from grpo_math import runs
 
 SCRIPT = "train_synthetic.py"
 SMOKE = ["--smoke", "--skip-evaluation"]  # 4 steps, a checkpoint every 2
-
-
-def run_side_by_side(commands, folder):
-    """Start every command (forked: conftest.forks), then wait for each: [CompletedProcess]."""
-    started = [forks().run(c, os.path.join(folder, str(i))) for i, c in enumerate(commands)]
-    return [run.result(timeout=600) for run in started]
 
 
 def folder_digest(folder):
@@ -54,11 +48,11 @@ def runs_dir(tmp_path_factory):
     --resume on each, on the finished straight run, and with --max-steps 4 on the short one."""
     base = tmp_path_factory.mktemp("runs")
     out = {name: str(base / name) for name in ["straight", "short", *FAULTS]}
-    first = run_side_by_side(
+    first = side_by_side(
         [[os.path.join(ROOT, SCRIPT), *SMOKE, "--output-dir", out["straight"]],
          [os.path.join(ROOT, SCRIPT), *SMOKE, "--output-dir", out["short"], "--max-steps", "2"]]
         + [[os.path.join(ROOT, "tests", "faults.py"), fault, SCRIPT, *SMOKE, "--output-dir", out[fault]]
-           for fault in FAULTS], base / "first"
+           for fault in FAULTS]
     )
     for proc in first[:2]:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,10 +61,10 @@ def runs_dir(tmp_path_factory):
                            if os.path.isdir(os.path.join(out[fault], "checkpoint-4")) else None}
                    for fault, proc in zip(FAULTS, first[2:])}
     before = folder_digest(out["straight"])
-    resumed = run_side_by_side(
+    resumed = side_by_side(
         [[os.path.join(ROOT, SCRIPT), "--resume", "--output-dir", out["straight"]],
          [os.path.join(ROOT, SCRIPT), "--resume", "--output-dir", out["short"], "--max-steps", "4"]]
-        + [[os.path.join(ROOT, SCRIPT), "--resume", "--output-dir", out[fault]] for fault in FAULTS], base / "resumed"
+        + [[os.path.join(ROOT, SCRIPT), "--resume", "--output-dir", out[fault]] for fault in FAULTS]
     )
     return {"out": out, "after_fault": after_fault, "straight_before_resume": before,
             "resumed": dict(zip(["straight", "short", *FAULTS], resumed))}
