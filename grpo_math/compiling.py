@@ -15,15 +15,18 @@ import sys
 COMPILE_PAYS_BACK_STEPS = 30
 
 
-def set_compile(requested="auto", steps=None):
-    """'on' or 'off': whether Unsloth compiles its training kernels; auto: on for a run of ``steps`` >=
-    COMPILE_PAYS_BACK_STEPS. Unsloth reads it from UNSLOTH_COMPILE_DISABLE once, when it is imported,
-    so this runs first; in a process that imported it already (a notebook's second run), the first
-    choice stands and a line says so."""
+def resolve(requested="auto", steps=None):
+    """'on' or 'off' for --compile REQUESTED: auto is on for a run of ``steps`` >= COMPILE_PAYS_BACK_STEPS."""
     if requested == "auto":
-        mode = "on" if steps is None or steps >= COMPILE_PAYS_BACK_STEPS else "off"
-    else:
-        mode = requested
+        return "on" if steps is None or steps >= COMPILE_PAYS_BACK_STEPS else "off"
+    return requested
+
+
+def set_compile(requested="auto", steps=None):
+    """'on' or 'off' (resolve() above): whether Unsloth compiles its training kernels. Unsloth reads it from
+    UNSLOTH_COMPILE_DISABLE once, when it is imported, so this runs first; in a process that imported it
+    already (a notebook's second run), the first choice stands and a line says so."""
+    mode = resolve(requested, steps)
     if "unsloth_zoo" in sys.modules:
         from unsloth_zoo.temporary_patches.common import UNSLOTH_COMPILE_DISABLE
 

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -18,23 +19,30 @@ QWEN_TOKENIZER_DIR = os.path.join(SHARED_DATA, "qwen-tokenizer")
 SCRIPT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_CI_ENV": "1"}
 
 
-_forks = None
+_forks = {}
 
 
-def forks():
+def forks(unsloth=None, unpatched=False):
     """The session's fork server (tests/forks.py): script runs that skip importing torch, transformers, trl,
-    peft and datasets, each in a process of its own, with SCRIPT_ENV. Started at its first run."""
-    global _forks
-    if _forks is None:
+    peft and datasets, each in a process of its own, with SCRIPT_ENV. Started at its first run. With
+    ``unsloth`` ('off' or 'on', its compile): the server for the unsloth harnesses, where Unsloth is imported
+    and (unless ``unpatched``) has patched trl; its compiled code goes to a folder of its own."""
+    key = (unsloth, unpatched)
+    if key not in _forks:
         from forks import ForkServer
 
-        _forks = ForkServer({**os.environ, **SCRIPT_ENV}, ROOT)
-    return _forks
+        env, options = {**os.environ, **SCRIPT_ENV}, []
+        if unsloth:
+            # torch.compile off: on a CPU it is a C++ build per process (tests/unsloth_cpu.py, stand-in 9)
+            env.update(TORCHDYNAMO_DISABLE="1", UNSLOTH_COMPILE_LOCATION=tempfile.mkdtemp(prefix="unsloth-compiled-"))
+            options = ["--unsloth", unsloth] + (["--unpatched"] if unpatched else [])
+        _forks[key] = ForkServer(env, ROOT, *options)
+    return _forks[key]
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _forks is not None:
-        _forks.close()
+    for server in _forks.values():
+        server.close()
 
 
 def side_by_side(commands):

@@ -1,14 +1,19 @@
 """Script runs as processes forked from one that has already imported torch, transformers, trl, peft and
 datasets: each run skips the 7-8 s those imports cost a fresh interpreter, which is most of a smoke run.
 
-    python tests/forks.py          # the server: reads one JSON command a line on stdin
+    python tests/forks.py                       # the server: reads one JSON command a line on stdin
+    python tests/forks.py --unsloth off|on      # one for tests/unsloth_cpu.py and unsloth_tools_cpu.py:
+                         [--unpatched]          # Unsloth imported (its compile off or on), trl patched or not
 
 Each run is a process of its own, as ``python SCRIPT FLAGS`` would be: its own exit code (a negative one
 for a signal, as subprocess gives it), its own output files, and a kill or a Ctrl-C reaches it alone. What
 differs from a fresh interpreter is only that those libraries were imported before the script ran, and in
 the order below; so this runs only scripts whose backend is trl, and the tests of the import order itself
-(tests/test_hardware.py) and of the unsloth backend start fresh interpreters. Every run has the server's
-environment (conftest.SCRIPT_ENV over the test's), which was in effect when those libraries read theirs.
+(tests/test_hardware.py) start fresh interpreters. With --unsloth, Unsloth is what was imported, with its
+compile set and trl patched as tests/unsloth_cpu.py does it, and the harnesses' runs start there: Unsloth
+reads its compile setting once, on import, so each setting has a server of its own. Every run has the
+server's environment (conftest.SCRIPT_ENV over the test's), which was in effect when those libraries read
+theirs, and only what a command adds that is read later (a folder's path).
 
 The server answers each command with "started PID" and each end with "ended PID CODE"; ForkServer below
 is the tests' side.
@@ -26,9 +31,20 @@ import threading
 PRELOAD = ("torch", "transformers", "datasets", "peft", "accelerate", "trl", "matplotlib")
 
 
-def preload():
+def preload(unsloth=None, unpatched=False):
     import importlib
 
+    if unsloth:
+        import contextlib
+
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import unsloth_cpu  # noqa: E402  (it puts the repo on sys.path)
+        from grpo_math import compiling
+
+        with contextlib.redirect_stdout(sys.stderr):  # stdout answers the tests
+            compiling.set_compile(unsloth)
+            unsloth_cpu.import_unsloth(patch_trl=not unpatched)
+        return
     for name in PRELOAD:
         importlib.import_module(name)
     from peft import LoraConfig, PeftModel, get_peft_model  # noqa: F401  (the lazy parts a run imports)
@@ -45,6 +61,7 @@ def run_in_child(command):
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.chdir(command["cwd"])
+    os.environ.update(command["env"])
     for fd, path in ((0, os.devnull), (1, command["stdout"]), (2, command["stderr"])):
         f = os.open(path, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(f, fd)
@@ -60,7 +77,13 @@ def run_in_child(command):
 
 
 def serve():
-    preload()
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--unsloth", choices=["off", "on"])
+    p.add_argument("--unpatched", action="store_true")
+    a = p.parse_args()
+    preload(a.unsloth, a.unpatched)
     print("ready", flush=True)
     children = set()
     while True:
@@ -89,9 +112,9 @@ def serve():
 class ForkServer:
     """The tests' side: ``run(argv, out_dir)`` starts a run and returns a ForkedRun."""
 
-    def __init__(self, env, cwd):
+    def __init__(self, env, cwd, *options):
         self.cwd = cwd
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *options], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
         assert self.proc.stdout.readline().strip() == "ready", "tests/forks.py did not start"
         self.outputs, self.runs = tempfile.TemporaryDirectory(), 0  # each run's stdout and stderr
@@ -114,11 +137,13 @@ class ForkServer:
             self.gone = True
             self.changed.notify_all()
 
-    def run(self, argv):
-        """Start ``python ARGV`` (a script's path or "-m MODULE", then its flags)."""
+    def run(self, argv, cwd=None, env=None):
+        """Start ``python ARGV`` (a script's path or "-m MODULE", then its flags), in the server's folder or CWD,
+        with ENV's variables added."""
         self.runs += 1
         out = os.path.join(self.outputs.name, str(self.runs))
-        command = {"argv": [str(a) for a in argv], "cwd": self.cwd, "stdout": out + ".out", "stderr": out + ".err"}
+        command = {"argv": [str(a) for a in argv], "cwd": str(cwd or self.cwd), "env": env or {},
+                   "stdout": out + ".out", "stderr": out + ".err"}
         slot = []
         with self.changed:
             self.waiting.append(slot)

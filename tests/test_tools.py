@@ -15,7 +15,7 @@ import pytest
 import evaluate
 import train_gsm8k
 from agents import AGENT_SETS, chat_prompt
-from conftest import need_qwen_tokenizer, run_script
+from conftest import forks, need_qwen_tokenizer, run_script
 from grpo_math import grpo_trainer, models, offline, settings, tools
 from grpo_math.calculator import calculator
 
@@ -261,8 +261,10 @@ def test_unsloths_trainer_calls_the_tool_and_its_loss_leaves_the_result_out(tmp_
     TRL's tool loop, and the mask its own loss (unsloth_zoo's grpo_accumulated_loss) trained with leaves
     out exactly the tool's result turn."""
     need_qwen_tokenizer()  # the harness needs it too: skip here (fail under .ci/run) where it is absent
-    env = {"TORCHDYNAMO_DISABLE": "1", "UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth_compiled_cache")}
-    proc = run_script("tests/unsloth_tools_cpu.py", "--gpu", "ampere", "--out", str(tmp_path / "run"), env=env)
+    # forked from the server where Unsloth was imported as the harness imports it (its compile on, the default)
+    proc = forks(unsloth="on").run(["tests/unsloth_tools_cpu.py", "--gpu", "ampere", "--out", tmp_path / "run"])
+    proc = proc.result(timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ")[-1])
     assert result["trainer_bases"][0] == "UnslothGRPOTrainer"
     assert result["tool_results"] == ["42"] * 8 and result["log"]["tools/call_frequency"] == 1.0

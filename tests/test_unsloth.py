@@ -18,9 +18,9 @@ import sys
 import pytest
 
 import train_gsm8k
-from conftest import ROOT, need_shared
+from conftest import ROOT, forks, need_shared
 from families import FAMILIES
-from grpo_math import models, runs, settings
+from grpo_math import compiling, models, runs, settings
 from rewards import STOP_TAG
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("unsloth") is None,
@@ -36,16 +36,17 @@ def checks(tmp_path_factory):
 
 
 def harness(tmp_path, mode, *args, rest=()):
-    """Run one mode of the harness; (its RESULT dict, its stdout)."""
-    env = {**os.environ, "TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "UNSLOTH_COMPILE_LOCATION": str(tmp_path / "unsloth_compiled_cache"),
-           "LLAMA_CPP_DIR": str(tmp_path / "llama.cpp")}  # a stand-in: its converter is never run
+    """Run one mode of the harness, forked from the server (conftest.forks) where Unsloth was imported with
+    the compile setting the run asks for, as the harness would import it; (its RESULT dict, its stdout)."""
+    env = {"LLAMA_CPP_DIR": str(tmp_path / "llama.cpp")}  # a stand-in: its converter is never run
     (tmp_path / "llama.cpp").mkdir(exist_ok=True)
     (tmp_path / "llama.cpp" / "convert_hf_to_gguf.py").touch()
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
-    proc = subprocess.run([sys.executable, HARNESS, mode, "--out", str(scratch), *args, "--", *rest],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    flag = lambda name, default: rest[rest.index(name) + 1] if name in rest else default
+    server = forks(compiling.resolve(flag("--compile", "auto"), int(flag("--max-steps", 0)) or None),
+                   unpatched=mode == "unpatched")
+    proc = server.run([HARNESS, mode, "--out", scratch, *args, "--", *rest], cwd=tmp_path, env=env).result(600)
     if proc.returncode != 0:
         raise AssertionError(f"{mode} {args} {rest} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     results = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -86,13 +86,16 @@ NAME = {"t4": "Tesla T4", "ampere": "NVIDIA A100-SXM4-40GB"}
 
 
 def import_unsloth(patch_trl=True):
+    """Unsloth, and with ``patch_trl`` its rewrite of trl as on a GPU; in a process forked from one that did the
+    same already (tests/forks.py --unsloth), only the line that says so."""
     os.environ["UNSLOTH_ALLOW_CPU"] = "1"
     import unsloth  # noqa: F401  (first, as on a GPU)
 
     os.environ["UNSLOTH_ALLOW_CPU"] = "0"
     import trl
 
-    if patch_trl:  # what `import unsloth` does on a GPU after its model classes (unsloth/_gpu_init.py, its end)
+    if patch_trl and trl.GRPOTrainer.__name__ != "UnslothGRPOTrainer":
+        # what `import unsloth` does on a GPU after its model classes (unsloth/_gpu_init.py, its end)
         from unsloth.context_parallel import patch_sft_trainer
         from unsloth.models.rl import PatchFastRL
         from unsloth.trainer import _patch_trl_trainer
