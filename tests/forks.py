@@ -1,9 +1,15 @@
 """Script runs as processes forked from one that has already imported torch, transformers, trl, peft and
 datasets: each run skips the 7-8 s those imports cost a fresh interpreter, which is most of a smoke run.
 
-    python tests/forks.py                       # the server: reads one JSON command a line on stdin
-    python tests/forks.py --unsloth off|on      # one for tests/unsloth_cpu.py and unsloth_tools_cpu.py:
-                         [--unpatched]          # Unsloth imported (its compile off or on), trl patched or not
+    python tests/forks.py --socket PATH         # the server: reads one JSON command a line on stdin
+    python tests/forks.py --socket PATH --unsloth off|on [--unpatched]
+    python tests/forks.py --client SCRIPT FLAGS # a launcher's worker (torchrun's): FORKS_SOCKET names the server
+
+The second server is the one for tests/unsloth_cpu.py and unsloth_tools_cpu.py: Unsloth imported (its compile
+off or on), trl patched or not. A client stands in for the run that the server forks for it, for a launcher
+that starts its workers as processes of its own (torchrun, accelerate launch): the run writes to the client's
+stdout and stderr, in its folder and environment; a signal to the client reaches the run, and the client
+ends as the run ends, with its exit code or by its signal. A client killed outright takes its run with it.
 
 Each run is a process of its own, as ``python SCRIPT FLAGS`` would be: its own exit code (a negative one
 for a signal, as subprocess gives it), its own output files, and a kill or a Ctrl-C reaches it alone. What
@@ -23,11 +29,13 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 
+CLIENT = [os.path.abspath(__file__), "--client"]  # the script a launcher starts, before the run's own script
 PRELOAD = ("torch", "transformers", "datasets", "peft", "accelerate", "trl", "matplotlib")
 
 
@@ -52,20 +60,27 @@ def preload(unsloth=None, unpatched=False):
     from trl import GRPOConfig, GRPOTrainer  # noqa: F401
 
 
-def run_in_child(command):
-    """In the forked child: the command's folder and files, then the script as ``python SCRIPT FLAGS`` runs
-    it. Its end, an exception or a KeyboardInterrupt included, ends the interpreter as it would end that."""
+def run_in_child(command, fds=None, inherited=()):
+    """In the forked child: the command's folder and files (or a client's ``fds``: its stdin, stdout and
+    stderr), then the script as ``python SCRIPT FLAGS`` runs it. Its end, an exception or a KeyboardInterrupt
+    included, ends the interpreter as it would end that."""
     import runpy
 
+    for f in inherited:  # the server's sockets
+        f.close()
     os.setpgid(0, 0)  # a process group of its own, as the server's children are killed by group
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.chdir(command["cwd"])
     os.environ.update(command["env"])
-    for fd, path in ((0, os.devnull), (1, command["stdout"]), (2, command["stderr"])):
-        f = os.open(path, os.O_RDONLY if fd == 0 else os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    if fds is None:
+        fds = [os.open(os.devnull, os.O_RDONLY)] + [os.open(command[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                                                    for name in ("stdout", "stderr")]
+    for fd, f in enumerate(fds):
         os.dup2(f, fd)
         os.close(f)
+    if os.environ.get("PYTHONUNBUFFERED"):  # as a fresh interpreter reads it (torchrun's workers: python -u)
+        sys.stdout.reconfigure(write_through=True)
     argv = command["argv"]
     if argv[0] == "-m":  # python -m MODULE FLAGS
         sys.argv, sys.path[0] = [argv[1], *argv[2:]], os.getcwd()
@@ -76,48 +91,107 @@ def run_in_child(command):
     sys.exit(0)
 
 
+def kill(pid, sig, group=False):
+    """SIG to a run (with ``group``, to its process group, which it makes first thing), if it is still there."""
+    try:
+        os.killpg(pid, sig) if group else os.kill(pid, sig)
+    except ProcessLookupError:  # it ended, or has not made its group yet
+        if group:
+            kill(pid, sig)
+
+
 def serve():
     import argparse
 
     p = argparse.ArgumentParser()
+    p.add_argument("--socket", required=True, help="where clients connect")
     p.add_argument("--unsloth", choices=["off", "on"])
     p.add_argument("--unpatched", action="store_true")
     a = p.parse_args()
     preload(a.unsloth, a.unpatched)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(a.socket)
+    listener.listen(64)
     print("ready", flush=True)
-    children = set()
+    children, clients = {}, {}  # pid -> its client's connection (None: a command from stdin); connection -> pid
     while True:
-        readable, _, _ = select.select([sys.stdin], [], [], 0.05)
-        if readable:
-            line = sys.stdin.readline()
-            if not line:  # the tests ended: no run outlives them
-                for pid in children:
-                    os.killpg(pid, signal.SIGKILL)
-                return
-            command = json.loads(line)
+        for source in select.select([sys.stdin, listener, *clients], [], [], 0.05)[0]:
+            fds = None
+            if source is sys.stdin:
+                line = sys.stdin.readline()
+                if not line:  # the tests ended: no run outlives them
+                    for pid in children:
+                        kill(pid, signal.SIGKILL, group=True)
+                    return
+                command, connection = json.loads(line), None
+            elif source is listener:
+                connection, _ = listener.accept()
+                message, fds, _, _ = socket.recv_fds(connection, 1 << 20, 3)
+                command = json.loads(message)
+            else:  # a client's signal for its run, or the client's end
+                message, pid = source.recv(64), clients[source]
+                if message:
+                    kill(pid, int(message))
+                    continue
+                kill(pid, signal.SIGKILL, group=True)  # killed outright: so is its run, as a worker's would be
+                children[pid] = None
+                del clients[source]
+                source.close()
+                continue
             sys.stdout.flush()
             pid = os.fork()
             if pid == 0:
-                run_in_child(command)
-            children.add(pid)
-            print(f"started {pid}", flush=True)
+                run_in_child(command, fds, inherited=[listener, *clients, *filter(None, [connection])])
+            for f in fds or ():
+                os.close(f)
+            children[pid] = connection
+            if connection is None:
+                print(f"started {pid}", flush=True)
+            else:
+                clients[connection] = pid
         while children:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
-            children.discard(pid)
-            print(f"ended {pid} {os.waitstatus_to_exitcode(status)}", flush=True)
+            code, connection = os.waitstatus_to_exitcode(status), children.pop(pid)
+            if connection is None:
+                print(f"ended {pid} {code}", flush=True)
+            elif connection in clients:
+                connection.send(str(code).encode())
+                del clients[connection]
+                connection.close()
+
+
+def client():
+    """``python tests/forks.py --client SCRIPT FLAGS``: the run, forked by the server at FORKS_SOCKET (module
+    docstring); this process passes it signals and ends as it ends."""
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    connection.connect(os.environ["FORKS_SOCKET"])
+    command = {"argv": sys.argv[2:], "cwd": os.getcwd(), "env": dict(os.environ)}
+    socket.send_fds(connection, [json.dumps(command).encode()], [0, 1, 2])
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, lambda number, _: connection.send(str(number).encode()))
+    code = connection.recv(64)
+    if not code:
+        sys.exit("tests/forks.py: the server ended before the run")
+    code = int(code)
+    if code < 0:  # ended by a signal: so does this process
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
 
 
 class ForkServer:
-    """The tests' side: ``run(argv, out_dir)`` starts a run and returns a ForkedRun."""
+    """The tests' side: ``run(argv)`` starts a run and returns a ForkedRun; a launcher's workers started as
+    ``CLIENT + [SCRIPT, FLAGS]`` with ``FORKS_SOCKET=server.socket`` are forked by it too."""
 
     def __init__(self, env, cwd, *options):
         self.cwd = cwd
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *options], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
+        self.outputs, self.runs = tempfile.TemporaryDirectory(), 0  # each run's stdout and stderr; the socket
+        self.socket = os.path.join(self.outputs.name, "socket")
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--socket", self.socket, *options],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=cwd)
         assert self.proc.stdout.readline().strip() == "ready", "tests/forks.py did not start"
-        self.outputs, self.runs = tempfile.TemporaryDirectory(), 0  # each run's stdout and stderr
         self.waiting = []  # one list per command sent, in order: its pid goes there
         self.ended = {}  # pid -> exit code
         self.gone = False  # the server ended: nothing more starts or ends
@@ -182,4 +256,4 @@ class ForkedRun:
 
 
 if __name__ == "__main__":
-    serve()
+    client() if sys.argv[1:2] == ["--client"] else serve()

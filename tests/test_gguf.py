@@ -23,7 +23,7 @@ import torch
 
 import export
 import train_synthetic
-from conftest import need_qwen_tokenizer, run_script
+from conftest import forks, need_qwen_tokenizer, run_script
 from grpo_math import fidelity, llama_cpp, models
 
 # Largest |logit| difference from the merged model allowed, on logits of about +-1.3 (the tiny model). f16 rounds
@@ -206,8 +206,10 @@ def test_the_modelfile_gives_llama_cpp_the_tokens_the_run_trained_on(run, family
         family_config(family, tokenizer).save_pretrained(tmp_path)
         tokenizer.save_pretrained(tmp_path)
         gguf = str(tmp_path / "vocab.gguf")
-        llama_cpp._run([sys.executable, os.path.join(llama_cpp.source(), "convert_hf_to_gguf.py"), str(tmp_path),
-                        "--vocab-only", "--outfile", gguf], "convert_hf_to_gguf.py --vocab-only")
+        # llama.cpp's converter, forked from the session's server (conftest.forks), which imported torch for it
+        proc = forks().run([os.path.join(llama_cpp.source(), "convert_hf_to_gguf.py"), tmp_path, "--vocab-only",
+                            "--outfile", gguf]).result(timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     add_bos, bos_id = gguf_bos(gguf)
     text = export.modelfile(tokenizer, {"agents": "core", "prompt_style": "chat", "worked_examples": 1}, "m.gguf")
     template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]

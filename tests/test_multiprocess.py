@@ -16,7 +16,8 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, SCRIPT_ENV, stats_of
+from conftest import ROOT, SCRIPT_ENV, forks, stats_of
+from forks import CLIENT
 
 PY = sys.executable
 # gloo binds where the host name resolves, which can be another interface: keep every process on loopback
@@ -30,8 +31,10 @@ STEP_LINE = "step    {}/{} | reward"
 RENDEZVOUS = ["--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"]
 
 
+# Each worker a client of a fork server (tests/forks.py): the launcher starts it as a process of its own, and the
+# server forks the run, which skips importing the libraries, for it to stand in for.
 def torchrun(*args):
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", *RENDEZVOUS, *args]
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", *RENDEZVOUS, *CLIENT, *args]
 
 
 def accelerate_launch(*args):
@@ -40,17 +43,18 @@ def accelerate_launch(*args):
     # rendezvous, accelerate makes 127.0.0.1:0 its endpoint, as above.
     return [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--rdzv_backend", "c10d",
-            "--main_process_ip", "127.0.0.1", "--main_process_port", "0", *args]
+            "--main_process_ip", "127.0.0.1", "--main_process_port", "0", *CLIENT, *args]
 
 
 class Launch:
     """A launcher started in a session of its own (as a terminal's job), its output in a file."""
 
-    def __init__(self, command, log, env=None):
+    def __init__(self, command, log, env=None, server=None):
         self.log = log
+        env = {**os.environ, **ENV, "FORKS_SOCKET": (server or forks()).socket, **(env or {})}
         with open(log, "w") as f:
             self.proc = subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True,
-                                         start_new_session=True, env={**os.environ, **ENV, **(env or {})})
+                                         start_new_session=True, env=env)
 
     def output(self):
         with open(self.log, errors="replace") as f:
@@ -89,9 +93,9 @@ def all_side_by_side(tmp):
                                    *SMOKE, "--backend", "unsloth", "--model-name", "stand-in/tiny-qwen2",
                                    "--learning-rate", "5e-3", "--output-dir", out["unsloth"]), tmp / "6.log",
                           # ACCELERATE_USE_CPU: the harness's card is simulated, so the Trainer would ask
-                          # accelerate for CUDA processes; this gives it gloo's, on the CPU
-                          env={"TORCHDYNAMO_DISABLE": "1", "UNSLOTH_COMPILE_LOCATION": str(tmp / "ucc"),
-                               "ACCELERATE_USE_CPU": "1"}),
+                          # accelerate for CUDA processes; this gives it gloo's, on the CPU. The server imported
+                          # Unsloth with its compile off, as --max-steps 3 asks (conftest.forks).
+                          env={"ACCELERATE_USE_CPU": "1"}, server=forks(unsloth="off")),
     }
     try:
         # SIGTERM to the launcher (a scheduler's, or `kill`), once the run has trained a few steps
@@ -109,10 +113,9 @@ def all_side_by_side(tmp):
         "kill": Launch(torchrun("train_synthetic.py", "--resume", "--output-dir", out["kill"]), tmp / "7.log"),
         "ctrl-c": Launch(torchrun("train_synthetic.py", "--resume", "--output-dir", out["ctrl-c"]), tmp / "8.log"),
     }
-    one = subprocess.run([PY, "train_synthetic.py", "--resume", "--output-dir", out["torchrun"], "--max-steps", "5"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
+    one = forks().run(["train_synthetic.py", "--resume", "--output-dir", out["torchrun"], "--max-steps", "5"])
     return {"out": out, "first": done, "after": after, "resumed": {n: r.wait() for n, r in resumed.items()},
-            "one_process_resume": one, "scratch": tmp / "scratch"}
+            "one_process_resume": one.result(timeout=300), "scratch": tmp / "scratch"}
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +226,8 @@ def test_unsloths_trainer_syncs_gradients_across_two_processes(launched):
 ])
 def test_a_global_batch_that_splits_a_group_is_refused_before_loading(flags, numbers):
     proc = subprocess.run(torchrun("train_synthetic.py", "--smoke", *flags, "--output-dir", "/nonexistent/run"),
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **ENV})
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **ENV, "FORKS_SOCKET": forks().socket})
     assert proc.returncode != 0
     line = f"error: the global batch, {numbers} must be a multiple of --num-generations"
     assert (proc.stdout + proc.stderr).count(line) == 1, proc.stderr[-3000:]  # printed once, by the first process
