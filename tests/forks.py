@@ -60,6 +60,23 @@ def preload(unsloth=None, unpatched=False):
     from trl import GRPOConfig, GRPOTrainer  # noqa: F401
 
 
+def launches_forked(server_socket):
+    """subprocess.Popen, made to start ``[sys.executable, SCRIPT or "-m", ...]`` as a client of the server at
+    SERVER_SOCKET: for code under test that starts its runs as processes (bench/gpu_check.py's parts, the
+    learning study's runs). Every other command starts as it would."""
+    base = subprocess.Popen
+
+    class ForkedPopen(base):
+        def __init__(self, args, *rest, env=None, **kwargs):
+            if (isinstance(args, (list, tuple)) and len(args) > 1 and args[0] == sys.executable
+                    and (args[1] == "-m" or str(args[1]).endswith(".py"))):
+                args = [sys.executable, *CLIENT, *args[1:]]
+                env = {**(os.environ if env is None else env), "FORKS_SOCKET": server_socket}
+            super().__init__(args, *rest, env=env, **kwargs)
+
+    return ForkedPopen
+
+
 def run_in_child(command, fds=None, inherited=()):
     """In the forked child: the command's folder and files (or a client's ``fds``: its stdin, stdout and
     stderr), then the script as ``python SCRIPT FLAGS`` runs it. Its end, an exception or a KeyboardInterrupt
@@ -81,6 +98,8 @@ def run_in_child(command, fds=None, inherited=()):
         os.close(f)
     if os.environ.get("PYTHONUNBUFFERED"):  # as a fresh interpreter reads it (torchrun's workers: python -u)
         sys.stdout.reconfigure(write_through=True)
+    if command.get("launches_forked"):
+        subprocess.Popen = launches_forked(command["launches_forked"])
     argv = command["argv"]
     if argv[0] == "-m":  # python -m MODULE FLAGS
         sys.argv, sys.path[0] = [argv[1], *argv[2:]], os.getcwd()
@@ -211,13 +230,15 @@ class ForkServer:
             self.gone = True
             self.changed.notify_all()
 
-    def run(self, argv, cwd=None, env=None):
+    def run(self, argv, cwd=None, env=None, launches_forked=False):
         """Start ``python ARGV`` (a script's path or "-m MODULE", then its flags), in the server's folder or CWD,
-        with ENV's variables added."""
+        with ENV's variables added; with ``launches_forked``, the Python runs it starts are forked too
+        (launches_forked() above)."""
         self.runs += 1
         out = os.path.join(self.outputs.name, str(self.runs))
         command = {"argv": [str(a) for a in argv], "cwd": str(cwd or self.cwd), "env": env or {},
-                   "stdout": out + ".out", "stderr": out + ".err"}
+                   "stdout": out + ".out", "stderr": out + ".err",
+                   "launches_forked": self.socket if launches_forked else None}
         slot = []
         with self.changed:
             self.waiting.append(slot)

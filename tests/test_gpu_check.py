@@ -11,7 +11,7 @@ import time
 import pytest
 
 from bench import bench, gpu_check, gpu_plan
-from conftest import ROOT, need_gsm8k, need_qwen_tokenizer
+from conftest import ROOT, forks, need_gsm8k, need_qwen_tokenizer
 
 PY = sys.executable
 FIGURE_UNITS = {"env": {"gpu", "unsloth_patched_trl", "wall"},
@@ -29,8 +29,9 @@ DRY_PARTS = ["env", "unsloth", "t4", "model", "train-chat", "evaluate", "train-t
 def dry_run(tmp_path_factory):
     need_gsm8k()
     out = tmp_path_factory.mktemp("gpu-check") / "check"
-    proc = subprocess.run([PY, "-m", "bench.gpu_check", "--out", str(out), "--dry-run", "--parts", ",".join(DRY_PARTS)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # forked from the session's server, and so is each part (tests/forks.py, launches_forked)
+    proc = forks().run(["-m", "bench.gpu_check", "--out", out, "--dry-run", "--parts", ",".join(DRY_PARTS)],
+                       launches_forked=True).result(timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out / "gpu-check.json") as f:
         return out, proc.stdout, json.load(f)

@@ -1,17 +1,19 @@
 """bench/learning_study.py on the tiny model: a grid of 2 arms x 2 seeds x 2 steps, its continuation
 by a second call that trains nothing, and its report. Each call runs the command in this process, as
 `python -m bench.learning_study` runs it (runpy, a fresh module each time); its training runs are
-processes of their own, as always."""
+processes of their own, as always, forked from the session's server (tests/forks.py)."""
 
 import json
 import os
 import runpy
+import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import SCRIPT_ENV, stats_of
+from conftest import SCRIPT_ENV, forks, stats_of
+from forks import launches_forked
 from grpo_math import models
 
 
@@ -20,6 +22,8 @@ def study_command(monkeypatch, capsys):
     """python -m bench.learning_study FLAGS, in this process: (returncode, stdout, stderr) as the command's."""
     for name, value in SCRIPT_ENV.items():
         monkeypatch.setenv(name, value)  # for its training processes, as run_script gives them
+    # and those processes forked from the session's server (tests/forks.py), which has imported the libraries
+    monkeypatch.setattr(subprocess, "Popen", launches_forked(forks().socket))
 
     def call(*flags, check=True):
         monkeypatch.setattr(sys, "argv", ["bench/learning_study.py", *flags])
