@@ -6,19 +6,24 @@ runs the cell as __main__."""
 import json
 import os
 
+import jupyter_client.launcher
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT, SCRIPT_ENV, stats_of
+from conftest import ROOT, SCRIPT_ENV, forks, stats_of
+from forks import launches_forked
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "train_gsm8k.ipynb")
 
 
 def execute(notebook, cwd):
-    """Run every cell in a fresh python3 kernel started in ``cwd``; a cell's error fails the test."""
+    """Run every cell in a fresh python3 kernel started in ``cwd``; a cell's error fails the test. The kernel
+    (``python -m ipykernel_launcher -f kernel.json``) is forked from the session's server (tests/forks.py)."""
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": cwd}})
-    client.execute(env={**os.environ, **SCRIPT_ENV})
+    with pytest.MonkeyPatch.context() as forked:
+        forked.setattr(jupyter_client.launcher, "Popen", launches_forked(forks().socket))
+        client.execute(env={**os.environ, **SCRIPT_ENV})
     return notebook
 
 

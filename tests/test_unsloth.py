@@ -2,7 +2,9 @@
 
 Each training case runs tests/unsloth_cpu.py in a process of its own, because Unsloth patches trl and
 transformers for the whole process; the five checks of the "checks" fixture share one, and so do the
-four model families of the "families" fixture, trained in turn. That script's docstring lists what is
+four model families of the "families" fixture, trained in turn. Each of those processes is forked from
+a server where Unsloth was imported, with the compile setting the run asks for, and patched trl, as the
+harness does it (tests/forks.py): the 15-25 s of that import are paid once per setting. That script's docstring lists what is
 real and every stand-in, with the reason for each. The scripted cases check the mechanics (precision,
 stop tag, rewards, run folder) on completions that are all the same, which train nothing; the varied
 cases and the families check that Unsloth's trainer trains.

@@ -63,7 +63,8 @@ The stand-ins, the complete list (README.md points here), each because it cannot
  10. --detach-loss cuts the loss from the model before backward(): not a stand-in for anything on a
      GPU, but the broken backward that the training tests must catch.
 
-Processes: each "train" and "unpatched" run has a process of its own, except that "train --families"
+Processes: each "train" and "unpatched" run has a process of its own (in the tests, forked from one that
+imported Unsloth already: tests/forks.py --unsloth), except that "train --families"
 trains the families given in turn in one, each run in RUNS/FAMILY: Unsloth's patches above touch a
 family's own model, tokenizer and (Gemma 3) module, except UNSLOTH_HIGH_PRECISION_LAYERNORM, which Gemma
 3's load sets for the process, so it goes last. The "checks" mode runs config, vllm, exports, gguf and
