@@ -1,28 +1,29 @@
 """Script runs as processes forked from one that has already imported torch, transformers, trl, peft and
 datasets: each run skips the 7-8 s those imports cost a fresh interpreter, which is most of a smoke run.
 
-    python tests/forks.py --socket PATH         # the server: reads one JSON command a line on stdin
-    python tests/forks.py --socket PATH --unsloth off|on [--unpatched]
-    python tests/forks.py --client SCRIPT FLAGS # a launcher's worker (torchrun's): FORKS_SOCKET names the server
-
-The second server is the one for tests/unsloth_cpu.py and unsloth_tools_cpu.py: Unsloth imported (its compile
-off or on), trl patched or not. A client stands in for the run that the server forks for it, for a launcher
-that starts its workers as processes of its own (torchrun, accelerate launch): the run writes to the client's
-stdout and stderr, in its folder and environment; a signal to the client reaches the run, and the client
-ends as the run ends, with its exit code or by its signal. A client killed outright takes its run with it.
+    python tests/forks.py --socket PATH [--unsloth off|on [--unpatched]]   # a server
+    python tests/forks.py --client SCRIPT FLAGS    # a launcher's worker: FORKS_SOCKET names the server
 
 Each run is a process of its own, as ``python SCRIPT FLAGS`` would be: its own exit code (a negative one
-for a signal, as subprocess gives it), its own output files, and a kill or a Ctrl-C reaches it alone. What
-differs from a fresh interpreter is only that those libraries were imported before the script ran, and in
-the order below; so this runs only scripts whose backend is trl, and the tests of the import order itself
-(tests/test_hardware.py) start fresh interpreters. With --unsloth, Unsloth is what was imported, with its
-compile set and trl patched as tests/unsloth_cpu.py does it, and the harnesses' runs start there: Unsloth
-reads its compile setting once, on import, so each setting has a server of its own. Every run has the
+for a signal, as subprocess gives it), its own output, and a kill or a Ctrl-C reaches it alone. What
+differs from a fresh interpreter is only that those libraries were imported before the script ran; so the
+tests of the import order itself (tests/test_hardware.py) start fresh interpreters. Every run has the
 server's environment (conftest.SCRIPT_ENV over the test's), which was in effect when those libraries read
-theirs, and only what a command adds that is read later (a folder's path).
+theirs, and what its command adds that is read later (a folder's path, torchrun's ranks).
 
-The server answers each command with "started PID" and each end with "ended PID CODE"; ForkServer below
-is the tests' side.
+With --unsloth the server imported Unsloth instead, with its compile off or on, and patched trl (or not)
+as tests/unsloth_cpu.py does it, for that harness's runs and tests/unsloth_tools_cpu.py's: Unsloth reads
+its compile setting once, on import, so each setting has a server of its own.
+
+A run starts in one of two ways:
+- a command on the server's stdin, from ForkServer.run below: the server answers "started PID", and
+  "ended PID CODE" when it ends; its output goes to files;
+- a client, for a launcher that starts its workers as processes of its own (torchrun, accelerate launch,
+  a kernel manager, bench/gpu_check.py): the launcher starts ``CLIENT + [SCRIPT, FLAGS]``, and the
+  server forks the run in the client's folder and environment, writing to the client's stdout and
+  stderr. A signal to the client reaches the run, and the client ends as the run ends, with its exit
+  code or by its signal; a client killed outright takes its run with it. launches_forked() makes
+  subprocess.Popen start Python runs that way.
 """
 
 import json
@@ -136,7 +137,7 @@ def serve():
     while True:
         for source in select.select([sys.stdin, listener, *clients], [], [], 0.05)[0]:
             fds = None
-            if source is sys.stdin:
+            if source is sys.stdin:  # one command at a time: ForkServer.run waits for its "started"
                 line = sys.stdin.readline()
                 if not line:  # the tests ended: no run outlives them
                     for pid in children:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from bench import bench, bench_worker
-from conftest import run_script
+from conftest import forks
+from forks import launches_forked
 from grpo_math import models
 
 FIGURES = ("step_s", "generation_s", "train_s", "tokens_per_s", "decode_tokens_per_s",
@@ -22,7 +23,9 @@ FIGURES = ("step_s", "generation_s", "train_s", "tokens_per_s", "decode_tokens_p
 def smoke(tmp_path_factory):
     """One `python -m bench.bench --smoke --json` run, shared by the tests that read its output."""
     path = tmp_path_factory.mktemp("bench") / "x.json"
-    proc = run_script("bench.bench", "--smoke", "--json", str(path))
+    # forked from the session's server, and so is each backend's worker process (tests/forks.py)
+    proc = forks().run(["-m", "bench.bench", "--smoke", "--json", path], launches_forked=True).result(timeout=300)
+    assert proc.returncode == 0, f"bench.py --smoke failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     with open(path) as f:
         return proc.stdout, json.load(f)
 
@@ -78,6 +81,7 @@ def test_a_run_killed_in_its_second_backend_keeps_the_first_ones_figures(tmp_pat
 
     monkeypatch.setattr(bench, "plan_backends", lambda a, cuda: (["trl", "unsloth"], {}))
     monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(subprocess, "Popen", launches_forked(forks().socket))  # the trl worker, forked
     monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--json", str(path)])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with pytest.raises(KeyboardInterrupt):
