@@ -28,6 +28,7 @@ A run starts in one of two ways:
 
 import json
 import os
+import pathlib
 import select
 import signal
 import socket
@@ -249,6 +250,10 @@ class ForkServer:
         assert slot, "tests/forks.py ended"
         return ForkedRun(self, slot[0], argv, command)
 
+    def popen(self):
+        """subprocess.Popen for code under test whose Python runs this server is to fork (launches_forked)."""
+        return launches_forked(self.socket)
+
     def close(self):
         self.proc.stdin.close()
         self.proc.wait(timeout=60)
@@ -273,8 +278,8 @@ class ForkedRun:
 
     def result(self, timeout=600):
         code = self.wait(timeout)
-        with open(self.command["stdout"], errors="replace") as out, open(self.command["stderr"], errors="replace") as err:
-            return subprocess.CompletedProcess(self.args, code, out.read(), err.read())
+        out, err = (pathlib.Path(self.command[name]).read_text(errors="replace") for name in ("stdout", "stderr"))
+        return subprocess.CompletedProcess(self.args, code, out, err)
 
 
 if __name__ == "__main__":

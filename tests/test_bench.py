@@ -12,7 +12,6 @@ import torch
 
 from bench import bench, bench_worker
 from conftest import forks
-from forks import launches_forked
 from grpo_math import models
 
 FIGURES = ("step_s", "generation_s", "train_s", "tokens_per_s", "decode_tokens_per_s",
@@ -81,7 +80,7 @@ def test_a_run_killed_in_its_second_backend_keeps_the_first_ones_figures(tmp_pat
 
     monkeypatch.setattr(bench, "plan_backends", lambda a, cuda: (["trl", "unsloth"], {}))
     monkeypatch.setattr(subprocess, "run", run)
-    monkeypatch.setattr(subprocess, "Popen", launches_forked(forks().socket))  # the trl worker, forked
+    monkeypatch.setattr(subprocess, "Popen", forks().popen())  # the trl worker, forked
     monkeypatch.setattr(sys, "argv", ["bench.py", "--smoke", "--json", str(path)])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with pytest.raises(KeyboardInterrupt):

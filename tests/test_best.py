@@ -64,10 +64,6 @@ def popen(fault, *flags):
     return forks().run([os.path.join("tests", "faults.py"), fault, SCRIPT, *flags])
 
 
-def finished(run):
-    return run.result(timeout=600)
-
-
 @pytest.fixture(scope="module")
 def rigged_runs(tmp_path_factory):
     """Side by side: step 2 of 4 rigged to be the best; the same killed after step 3, then resumed; the base
@@ -77,13 +73,13 @@ def rigged_runs(tmp_path_factory):
     procs = {"best-2": popen("rig-best-step-2", *RIGGED, "--output-dir", out["best-2"]),
              "killed": popen("rig-best-step-2+kill-after-step-3", *RIGGED, "--output-dir", out["killed"]),
              "stop": popen("rig-best-step-0", *RIGGED, "--stop-after-worse", "2", "--output-dir", out["stop"])}
-    done = {name: finished(p) for name, p in procs.items()}
+    done = {name: p.result(timeout=600) for name, p in procs.items()}
     for name in ("best-2", "stop"):
         assert done[name].returncode == 0, done[name].stderr[-3000:]
     assert done["killed"].returncode == -9, done["killed"].stderr[-3000:]
     done["killed_best"] = best.read(out["killed"])
     resumed = popen("rig-best-step-2", "--resume", "--output-dir", out["killed"])
-    done["resumed"] = finished(resumed)
+    done["resumed"] = resumed.result(timeout=600)
     assert done["resumed"].returncode == 0, done["resumed"].stderr[-3000:]
     return out, done
 

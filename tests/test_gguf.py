@@ -25,7 +25,6 @@ import torch
 import export
 import train_synthetic
 from conftest import forks, need_qwen_tokenizer, run_script
-from forks import launches_forked
 from grpo_math import fidelity, llama_cpp, models
 
 # Largest |logit| difference from the merged model allowed, on logits of about +-1.3 (the tiny model). f16 rounds
@@ -62,7 +61,7 @@ def run(tmp_path_factory):
     tokenizer.save_pretrained(base)
     out = str(tmp_path_factory.mktemp("gguf") / "run")
     with pytest.MonkeyPatch.context() as forked:  # llama.cpp's converter forked from the session's server
-        forked.setattr(subprocess, "Popen", launches_forked(forks().socket))
+        forked.setattr(subprocess, "Popen", forks().popen())
         train_synthetic.main(["--smoke", "--model-name", base, "--max-steps", "2", "--eval-every", "0",  # last adapter
                               "--save-merged", "--save-gguf", "f16,q8_0", "--output-dir", out])
     yield {"out": out, "base": base}

@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import SCRIPT_ENV, forks, stats_of
-from forks import launches_forked
 from grpo_math import models
 
 
@@ -23,7 +22,7 @@ def study_command(monkeypatch, capsys):
     for name, value in SCRIPT_ENV.items():
         monkeypatch.setenv(name, value)  # for its training processes, as run_script gives them
     # and those processes forked from the session's server (tests/forks.py), which has imported the libraries
-    monkeypatch.setattr(subprocess, "Popen", launches_forked(forks().socket))
+    monkeypatch.setattr(subprocess, "Popen", forks().popen())
 
     def call(*flags, check=True):
         monkeypatch.setattr(sys, "argv", ["bench/learning_study.py", *flags])

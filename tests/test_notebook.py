@@ -12,7 +12,6 @@ import pytest
 from nbclient import NotebookClient
 
 from conftest import ROOT, SCRIPT_ENV, forks, stats_of
-from forks import launches_forked
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "train_gsm8k.ipynb")
 
@@ -22,7 +21,7 @@ def execute(notebook, cwd):
     (``python -m ipykernel_launcher -f kernel.json``) is forked from the session's server (tests/forks.py)."""
     client = NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": cwd}})
     with pytest.MonkeyPatch.context() as forked:
-        forked.setattr(jupyter_client.launcher, "Popen", launches_forked(forks().socket))
+        forked.setattr(jupyter_client.launcher, "Popen", forks().popen())
         client.execute(env={**os.environ, **SCRIPT_ENV})
     return notebook
 

@@ -262,8 +262,8 @@ def test_unsloths_trainer_calls_the_tool_and_its_loss_leaves_the_result_out(tmp_
     out exactly the tool's result turn."""
     need_qwen_tokenizer()  # the harness needs it too: skip here (fail under .ci/run) where it is absent
     # forked from the server where Unsloth was imported as the harness imports it (its compile on, the default)
-    proc = forks(unsloth="on").run(["tests/unsloth_tools_cpu.py", "--gpu", "ampere", "--out", tmp_path / "run"])
-    proc = proc.result(timeout=600)
+    proc = forks(unsloth="on").run(["tests/unsloth_tools_cpu.py", "--gpu", "ampere", "--out", tmp_path / "run"]
+                                   ).result(timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ")[-1])
     assert result["trainer_bases"][0] == "UnslothGRPOTrainer"

@@ -4,10 +4,10 @@ Each training case runs tests/unsloth_cpu.py in a process of its own, because Un
 transformers for the whole process; the five checks of the "checks" fixture share one, and so do the
 four model families of the "families" fixture, trained in turn. Each of those processes is forked from
 a server where Unsloth was imported, with the compile setting the run asks for, and patched trl, as the
-harness does it (tests/forks.py): the 15-25 s of that import are paid once per setting. That script's docstring lists what is
-real and every stand-in, with the reason for each. The scripted cases check the mechanics (precision,
-stop tag, rewards, run folder) on completions that are all the same, which train nothing; the varied
-cases and the families check that Unsloth's trainer trains.
+harness does it (tests/forks.py): the 15-25 s of that import are paid once per setting. That script's
+docstring lists what is real and every stand-in, with the reason for each. The scripted cases check the
+mechanics (precision, stop tag, rewards, run folder) on completions that are all the same, which train
+nothing; the varied cases and the families check that Unsloth's trainer trains.
 """
 
 import importlib.util
@@ -20,6 +20,7 @@ import sys
 import pytest
 
 import train_gsm8k
+import unsloth_cpu
 from conftest import ROOT, forks, need_shared
 from families import FAMILIES
 from grpo_math import compiling, models, runs, settings
@@ -45,9 +46,7 @@ def harness(tmp_path, mode, *args, rest=()):
     (tmp_path / "llama.cpp" / "convert_hf_to_gguf.py").touch()
     scratch = tmp_path / "scratch"
     scratch.mkdir(exist_ok=True)
-    flag = lambda name, default: rest[rest.index(name) + 1] if name in rest else default
-    server = forks(compiling.resolve(flag("--compile", "auto"), int(flag("--max-steps", 0)) or None),
-                   unpatched=mode == "unpatched")
+    server = forks(compiling.resolve(*unsloth_cpu.compile_request(rest)), unpatched=mode == "unpatched")
     proc = server.run([HARNESS, mode, "--out", scratch, *args, "--", *rest], cwd=tmp_path, env=env).result(600)
     if proc.returncode != 0:
         raise AssertionError(f"{mode} {args} {rest} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -524,6 +524,13 @@ MODES = {"config": config, "vllm": vllm_patches, "exports": exports_check, "gguf
          "checks": checks}
 
 
+def compile_request(rest):
+    """(--compile, --max-steps) of the training script's flags, as models.pick_backend hands them to
+    compiling.set_compile on a GPU."""
+    flag = lambda name, default: rest[rest.index(name) + 1] if name in rest else default
+    return flag("--compile", "auto"), int(flag("--max-steps", 0)) or None
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["train", "unpatched", *MODES])
@@ -540,8 +547,7 @@ def main():
     # As models.pick_backend does on a GPU before it imports unsloth: --compile into Unsloth's variable.
     from grpo_math import compiling
 
-    flag = lambda name, default: args.rest[args.rest.index(name) + 1] if name in args.rest else default
-    compiling.set_compile(flag("--compile", "auto"), int(flag("--max-steps", 0)) or None)
+    compiling.set_compile(*compile_request(args.rest))
     import_unsloth(patch_trl=args.mode != "unpatched")
     result = train(args, args.rest) if args.mode in ("train", "unpatched") else MODES[args.mode](args)
     print("RESULT " + json.dumps(result, default=str), flush=True)
