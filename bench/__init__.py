@@ -4,6 +4,7 @@ grpo_math/ are importable: python -m bench.bench --help. Their figures are in BE
     bench           GRPO step time, generation speed and memory of the two backends on one workload
     bench_worker    bench's child process: one backend, loaded and trained through the kit, timed
     bench_rewards   completions per second that each reward grades, on one CPU core
+    bench_stop      what a stop string costs a generate() call: transformers' matcher at each call, or the kit's once
     learning_study  does GRPO make a real model better, with 4 agents or 1? arms x seeds, scored before and after
     kept_adapter    which adapter a run keeps: the learning check's run, base, last and kept scored on 100 problems
     vllm_agreement  greedy answers from vLLM against generate()'s: the share that agree

@@ -7,6 +7,8 @@ quick evaluation after training).
     generate_answers(model, tokenizer, prompts, max_new_tokens, ...)
         completions from transformers' generate(), cut after the first stop (STOPS: the closed answer)
         and their token counts; vllm_engine.py returns the same from vLLM
+    stop_criteria(tokenizer, stop)
+        generate()'s matcher of the stop strings, made once per tokenizer (generate makes it at every call)
     quick_eval(model, tokenizer, rows, agents, style, max_new_tokens)
         the training scripts' smaller check of a run: the first agent's greedy answers on held-out rows,
         graded as evaluate.py grades (rewards.is_correct, as the training reward), with no votes
@@ -34,6 +36,26 @@ def render(tokenizer, instruction, question, style, examples=0, thinking=False):
     return (tokenizer.bos_token or "") + prompt
 
 
+_STOP_CRITERIA = {}  # (id(tokenizer), stop strings) -> (the tokenizer, kept alive so its id stays its own, criteria)
+
+
+def stop_criteria(tokenizer, stop):
+    """generate()'s ``stopping_criteria`` for the stop strings ``stop`` (None where there are none), made once
+    per tokenizer. generate(stop_strings=...) makes them again at every call, from the whole vocabulary:
+    transformers caches them by the vocabulary's order, which a fast tokenizer's get_vocab() shuffles at each
+    call, so its cache never hits. That is 1.5 s a call for Qwen's 151,665 tokens on a CPU, at every
+    training step and every batch of an evaluation (BENCHMARKS.md, "Stop strings")."""
+    if not stop:
+        return None
+    from transformers import StoppingCriteriaList
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    key = (id(tokenizer), tuple(stop))
+    if key not in _STOP_CRITERIA:
+        _STOP_CRITERIA[key] = tokenizer, StoppingCriteriaList([StopStringCriteria(tokenizer, list(stop))])
+    return _STOP_CRITERIA[key][1]
+
+
 def cut_at_stop(text, stop):
     """``text`` up to and including its first stop string."""
     hits = [text.index(s) + len(s) for s in stop if s in text]
@@ -55,7 +77,7 @@ def generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size=16, s
         enc = tokenizer(rows[i : i + batch_size], return_tensors="pt", padding=True, padding_side="left",
                         add_special_tokens=False).to(device)  # the prompts are fully rendered
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                             stop_strings=list(stop) or None, tokenizer=tokenizer, **sampling)
+                             stopping_criteria=stop_criteria(tokenizer, stop), **sampling)
         for ids in out[:, enc["input_ids"].shape[1] :].tolist():
             length = next((i for i, t in enumerate(ids) if t in ends), len(ids))  # then eos or padding
             done.append((cut_at_stop(tokenizer.decode(ids[:length], skip_special_tokens=True), stop), length))

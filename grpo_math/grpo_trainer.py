@@ -15,7 +15,7 @@
                        XML prompt form's stop at </response>. Unsloth's vLLM takes the stop in its
                        vllm_sampling_params field; TRL's colocate mode (vLLM in this process, on the
                        same device) in generation_kwargs, which TRL hands to vLLM's SamplingParams;
-                       transformers' generate() as stop_strings
+                       transformers' generate() as stopping_criteria, made once (evaluation.stop_criteria)
     vLLM on a CPU      sync_vllm_weights(): the trained weights reach vLLM through its own reload
                        path, because vLLM's CPU kernels repack its weights and TRL's sync cannot
                        load into them
@@ -32,6 +32,7 @@ import torch
 from grpo_math import tools
 from grpo_math.answers import completion_text, extract_answer, is_correct
 from grpo_math.calculator import ERROR_PREFIX
+from grpo_math.evaluation import stop_criteria
 from rewards import STOP_TAG
 
 
@@ -62,15 +63,18 @@ def make_trainer_class():
             trl_colocate = getattr(self, "vllm_generation", None) is not None and self.args.vllm_mode == "colocate"
             if trl_colocate and GRPOTrainer.__name__ == "GRPOTrainer" and not torch.cuda.is_available():  # not Unsloth's
                 self.vllm_generation.sync_weights = functools.partial(sync_vllm_weights, self.vllm_generation)
+            self.stop_criteria = None
             if stop_strings and not getattr(self, "use_vllm", False):
-                # transformers' generate() needs the tokenizer to match stop strings; TRL doesn't pass it.
-                generate, tokenizer = self.model.generate, self.processing_class
+                # transformers' generate() takes the stop strings' matcher, made once for the run: given the
+                # strings instead, it would make it again at every step (evaluation.stop_criteria says why).
+                generate = self.model.generate
+                self.stop_criteria = stop_criteria(self.processing_class, stop_strings)
 
-                def generate_with_tokenizer(*args, **kwargs):
-                    kwargs.setdefault("tokenizer", tokenizer)
+                def generate_with_stop(*args, **kwargs):
+                    kwargs.setdefault("stopping_criteria", self.stop_criteria)
                     return generate(*args, **kwargs)
 
-                self.model.generate = generate_with_tokenizer
+                self.model.generate = generate_with_stop
 
         def _tool_call_loop(self, *args, **kwargs):
             out = list(super()._tool_call_loop(*args, **kwargs))
@@ -164,8 +168,9 @@ def _sampler_args(s, backend, tokenizer, vllm):
         return args
     if not stop:
         return {}
-    # After a stop string, transformers pads the row; padding with eos lets TRL mask it out.
-    return {"generation_kwargs": {"stop_strings": [STOP_TAG], "pad_token_id": tokenizer.eos_token_id}}
+    # After a stop string, transformers pads the row; padding with eos lets TRL mask it out. The stop itself
+    # reaches generate() from KitGRPOTrainer(stop_strings=...), as its stopping_criteria.
+    return {"generation_kwargs": {"pad_token_id": tokenizer.eos_token_id}}
 
 
 def sync_vllm_weights(generation):

@@ -141,6 +141,8 @@ def answer_with_tools(model, tokenizer, prompts, tools, max_new_tokens, max_call
     """Greedy answers to chat ``prompts`` (message lists) with ``tools`` callable: each generation that ends
     in tool calls gets their results and goes on, as in training. Per prompt: (the final answer's text,
     the tokens the model wrote, the calls as [{"name", "arguments", "result"}])."""
+    from grpo_math.evaluation import stop_criteria  # not on import: evaluation imports this module
+
     by_name = {f.__name__: f for f in tools}
     ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
     device = next(model.parameters()).device
@@ -159,8 +161,7 @@ def answer_with_tools(model, tokenizer, prompts, tools, max_new_tokens, max_call
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in inputs], device=device)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max(budget[i] for i in batch),
                                  do_sample=False, temperature=None, top_p=None, top_k=None,
-                                 pad_token_id=tokenizer.pad_token_id, stop_strings=list(stop) or None,
-                                 tokenizer=tokenizer)
+                                 pad_token_id=tokenizer.pad_token_id, stopping_criteria=stop_criteria(tokenizer, stop))
             for i, new in zip(batch, out[:, width:].tolist()):
                 new = new[: budget[i]]
                 k = next((k for k, t in enumerate(new) if t in ends), len(new))  # the end of turn stays

@@ -6,6 +6,7 @@ perplexity), on generated problems, and quick_eval on the same model."""
 import itertools
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -483,3 +484,32 @@ def test_quick_eval_grades_the_first_agent_as_evaluate_does(saved):
     s = evaluate.evaluate(model, tok, rows, [], dict([first]), style="xml", max_new_tokens=4, ensemble=False)
     assert [q["completion"] for q in r["records"]] == [q["agents"][first[0]][0]["completion"] for q in s["questions"]]
     assert r["accuracy"] == s["agents"][first[0]]["accuracy"]
+
+
+def test_the_stop_matcher_is_made_once_and_stops_where_stop_strings_stop(monkeypatch):
+    """generate_answers' stop strings reach generate() as a matcher made once per tokenizer
+    (evaluation.stop_criteria; transformers' own stop_strings makes it again at every call), which stops the
+    answers exactly where stop_strings stops them."""
+    from transformers.generation import stopping_criteria
+
+    model, tokenizer = tiny_model_and_tokenizer()
+    model.eval()
+    prompts = [q["question"] for q in synthetic_problems(4, seed=5)]
+    sampled = dict(max_new_tokens=12, temperature=1.0, seed=3)
+    text = evaluation.generate_answers(model, tokenizer, prompts, **sampled)[0][0][0]
+    stop = re.search(r"[a-z]{2}", text[len(text) // 3:])[0]  # two letters from the first answer, past its start
+    made = []
+    init = stopping_criteria.StopStringCriteria.__init__
+    monkeypatch.setattr(stopping_criteria.StopStringCriteria, "__init__",
+                        lambda self, *a, **kw: made.append(init(self, *a, **kw)))
+    answers = [evaluation.generate_answers(model, tokenizer, prompts, stop=[stop], **sampled) for _ in range(2)]
+    assert len(made) == 1 and answers[0] == answers[1]
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    torch.manual_seed(sampled["seed"])
+    with torch.no_grad():
+        reference = model.generate(**enc, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id, do_sample=True,
+                                   temperature=1.0, stop_strings=[stop], tokenizer=tokenizer)
+    ends = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    lengths = [next((i for i, t in enumerate(ids) if t in ends), len(ids))
+               for ids in reference[:, enc["input_ids"].shape[1]:].tolist()]
+    assert [a[0][1] for a in answers[0]] == lengths and min(lengths) < 12  # stopped, where stop_strings stops

@@ -118,7 +118,7 @@ def test_two_grpo_steps_through_unsloths_trainer(tmp_path, gpu, style, compile):
 
     if style == "xml":
         # The </response> stop: every completion ends at the tag, before the length limit.
-        assert result["generation_kwargs"]["stop_strings"] == [STOP_TAG]
+        assert result["stop_strings"] == [[STOP_TAG]]
         assert sample.endswith(f"{STOP_TAG}'")
         assert all(e["rewards/stop_tag_bonus/mean"] == 0.5 for e in stats[1:])
         assert all(e["completions/mean_length"] < 48 for e in stats[1:])
@@ -270,7 +270,7 @@ def test_failed_trainer_patch_is_said_in_one_line(tmp_path):
     assert stdout.count("Unsloth did not patch trl's GRPOTrainer") == 1
     assert result["trainer_bases"] == ["KitGRPOTrainer", "GRPOTrainer"]
     assert result["calls"][0]["fast_inference"] is False
-    assert result["generation_kwargs"]["stop_strings"] == [STOP_TAG]
+    assert result["stop_strings"] == [[STOP_TAG]]
     assert "step    2/2 | reward" in stdout
 
 

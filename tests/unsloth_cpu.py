@@ -357,6 +357,7 @@ def report(trainer, calls, lora_start):
             "fp16": trainer.args.fp16, "optim": str(trainer.args.optim), "use_cpu": trainer.args.use_cpu,
             "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__module__,
             "generation_kwargs": trainer.args.generation_kwargs,
+            "stop_strings": [list(c.stop_strings) for c in trainer.stop_criteria or []],  # what generate() stops at
             "trainable_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}),
             "weight_decay": trainer.args.weight_decay, "calls": calls,
             "ddp_sync_wrapped": getattr(type(trainer).training_step, "_unsloth_grpo_ddp_sync_wrapped", False),
