@@ -2,7 +2,7 @@
 datasets: each run skips the 7-8 s those imports cost a fresh interpreter, which is most of a smoke run.
 
     python tests/forks.py --socket PATH [--unsloth off|on [--unpatched]]   # a server
-    python tests/forks.py --client SCRIPT FLAGS    # a launcher's worker: FORKS_SOCKET names the server
+    python tests/forks.py --client SCRIPT FLAGS    # a launcher or its worker: FORKS_SOCKET names the server
 
 Each run is a process of its own, as ``python SCRIPT FLAGS`` would be: its own exit code (a negative one
 for a signal, as subprocess gives it), its own output, and a kill or a Ctrl-C reaches it alone. What

@@ -31,17 +31,17 @@ STEP_LINE = "step    {}/{} | reward"
 RENDEZVOUS = ["--rdzv_backend", "c10d", "--rdzv_endpoint", "127.0.0.1:0"]
 
 
-# Each worker a client of a fork server (tests/forks.py): the launcher starts it as a process of its own, and the
-# server forks the run, which skips importing the libraries, for it to stand in for.
+# The launcher and each of its workers are clients of a fork server (tests/forks.py): each is started as a
+# process of its own, which the server stands in for with a fork that skips importing the libraries.
 def torchrun(*args):
-    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", *RENDEZVOUS, *CLIENT, *args]
+    return [PY, *CLIENT, "-m", "torch.distributed.run", "--nproc_per_node", "2", *RENDEZVOUS, *CLIENT, *args]
 
 
 def accelerate_launch(*args):
     # --multi_gpu is how a GPU user asks for several processes; on a machine without CUDA they train on
     # the CPU over gloo. (accelerate's --cpu flag starts one process unless MPI is set up.) With the c10d
     # rendezvous, accelerate makes 127.0.0.1:0 its endpoint, as above.
-    return [PY, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    return [PY, *CLIENT, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--rdzv_backend", "c10d",
             "--main_process_ip", "127.0.0.1", "--main_process_port", "0", *CLIENT, *args]
 
