@@ -175,13 +175,14 @@ def main(argv=None):
                             examples=s["worked_examples"])
     # Their length in tokens, as the trainer renders them: the longest (within --max-prompt-length, which leaves
     # longer ones out) + --max-completion-length is the context Unsloth gives vLLM (s["max_seq_length"]).
-    prompts = fit_prompts(s, prompts)
+    tokenizer = models.load_tokenizer(s["model_name"])  # loaded once: the model below comes with it
+    prompts = fit_prompts(s, prompts, tokenizer)
     dataset = Dataset.from_list(prompts)
     check_enough_data(s, len(train_rows), len(eval_rows) + len(select_rows), len(dataset))
 
     # 4. Model and LoRA: Unsloth's 4-bit model (vLLM generates where installed), or transformers + PEFT.
     runs.prepare_run(s, plan)  # only now is an old run moved aside (--overwrite)
-    model, tokenizer, vllm = models.load_model(s, backend)
+    model, tokenizer, vllm = models.load_model(s, backend, tokenizer)
     tools.check_tokenizer(tokenizer, s["model_name"], s["tool_names"], backend)  # and TRL's parser for the calls
     runs.write_config(s, backend, reason, vllm, len(dataset))
     stats = runs.load_stats(s["output_dir"], plan["step"])  # the steps so far, on --resume

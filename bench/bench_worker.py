@@ -180,8 +180,10 @@ def run_worker(backend, folder, result_path, bandwidth):
     print(f"{backend} imported: {time.perf_counter() - STARTED:.0f} s since the worker started", flush=True)
     with open(os.path.join(folder, "bench_prompts.json")) as f:
         prompts = json.load(f)
-    prompts = fit_prompts(s, prompts)  # as the scripts: Unsloth's (and vLLM's) context, the longest prompt + completion
-    model, tokenizer, vllm = models.load_model(s, backend)
+    # as the scripts: Unsloth's (and vLLM's) context, the longest prompt + completion
+    tokenizer = models.load_tokenizer(s["model_name"])
+    prompts = fit_prompts(s, prompts, tokenizer)
+    model, tokenizer, vllm = models.load_model(s, backend, tokenizer)
     loaded_s = time.perf_counter() - STARTED
     print(f"model loaded: {loaded_s:.0f} s since the worker started", flush=True)
 

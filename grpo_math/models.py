@@ -284,9 +284,9 @@ def load_unsloth(name, max_seq_length, lora_rank, seed=0, gpu_memory_utilization
     return model, tokenizer, vllm
 
 
-def load_model(s, backend):
-    """(model with LoRA, tokenizer, vllm): vllm is True when the rollouts are generated with vLLM.
-    Prints which generates them, and why."""
+def load_model(s, backend, tokenizer=None):
+    """(model with LoRA, tokenizer, vllm): vllm is True when the rollouts are generated with vLLM. Prints which
+    generates them, and why. ``tokenizer``: load_tokenizer's, where the script has it (Unsloth loads its own)."""
     vllm, why = choose_vllm(s["vllm"])
     required = s["vllm"] == "on"
     if backend == "unsloth":
@@ -303,11 +303,12 @@ def load_model(s, backend):
             print(FIRST_STEP_NOTE)
         return model, tokenizer, vllm
     if s["model_name"] == "tiny":
-        model, tokenizer = tiny_model_and_tokenizer(seed=s["seed"])
+        model, tokenizer = tiny_model_and_tokenizer(seed=s["seed"], tokenizer=tokenizer)
     else:
         # 4-bit on a GPU, except when vLLM samples: TRL's sync re-quantizes the 4-bit layers with the LoRA merged,
         # which a step's change never moves, so vLLM would sample from the base all run long (README, 'vLLM').
-        model, tokenizer = load_pretrained(s["model_name"], quantize=gpu_capability() is not None and not vllm)
+        model, tokenizer = load_pretrained(s["model_name"], quantize=gpu_capability() is not None and not vllm,
+                                           tokenizer=tokenizer)
     if s["model_name"] in ("tiny", SMOLLM2):
         # The random base lives only in this process, and vLLM cannot read the GGUF file: save the
         # base, so that the adapter can be reloaded and vLLM loads it (TRL reads model.name_or_path).

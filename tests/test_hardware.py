@@ -201,8 +201,8 @@ def test_the_trl_backend_quantizes_only_when_vllm_does_not_sample(monkeypatch, t
     fake_cuda(monkeypatch, (8, 0))
     asked = []
     monkeypatch.setattr(models, "choose_vllm", lambda requested: (vllm, f"--vllm {requested}"))
-    monkeypatch.setattr(models, "load_pretrained", lambda name, quantize=False: asked.append(quantize) or
-                        models.tiny_model_and_tokenizer())
+    monkeypatch.setattr(models, "load_pretrained", lambda name, quantize=False, tokenizer=None:
+                        asked.append(quantize) or models.tiny_model_and_tokenizer())
     monkeypatch.setattr(models, "add_lora", lambda model, *a, **kw: model)
     monkeypatch.setattr(models, "prepare_vllm", lambda: None)
     s = {"model_name": "some/model", "vllm": "on" if vllm else "off", "lora_rank": 4, "seed": 0,

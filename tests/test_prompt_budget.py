@@ -152,7 +152,7 @@ def test_the_scripts_print_the_budget_before_the_model_loads(script, monkeypatch
     """Both recipes measure their prompts (the tiny smoke tokenizer's tokens) and hand the context to load_model."""
     seen = {}
 
-    def load_model(s, backend):
+    def load_model(s, backend, tokenizer=None):
         seen.update(s)
         raise ModelLoading
 
