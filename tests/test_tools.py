@@ -30,11 +30,12 @@ def qwen_tokenizer():
     return tokenizer
 
 
-def scripted_model(tokenizer, expression, answer_digits, keep_calling=False):
+def scripted_model(tokenizer, expression, answer_digits, keep_calling=False, hidden_size=128):
     """The tiny model, made to write a calculator call of ``expression`` after a prompt, and after a
     tool's result "<SOLUTION>N</SOLUTION>", N's last digit sampled among ``answer_digits`` (equal odds).
-    With ``keep_calling`` it calls again after every result, and never answers."""
-    model, _ = offline.tiny_model_and_tokenizer(tokenizer=tokenizer)
+    With ``keep_calling`` it calls again after every result, and never answers. What it writes does not depend
+    on ``hidden_size``; its cost does (the logits over the tokenizer's whole vocabulary)."""
+    model, _ = offline.tiny_model_and_tokenizer(hidden_size=hidden_size, tokenizer=tokenizer)
     call = tokenizer(f'<tool_call>\n{{"name": "calculator", "arguments": {{"expression": "{expression}"}}}}\n'
                      "</tool_call><|im_end|>", add_special_tokens=False)["input_ids"]
     head = tokenizer("<SOLUTION>" + "4", add_special_tokens=False)["input_ids"]
