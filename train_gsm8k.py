@@ -177,7 +177,7 @@ def main(argv=None):
                             examples=s["worked_examples"])
     # Their length in tokens, as the trainer renders them: the longest (within --max-prompt-length, which leaves
     # longer ones out) + --max-completion-length is the context Unsloth gives vLLM (s["max_seq_length"]).
-    tokenizer = models.load_tokenizer(s["model_name"])  # loaded once: the model below comes with it
+    tokenizer = models.load_tokenizer(s["model_name"])  # loaded once: it measures the prompts, and the model keeps it
     prompts = fit_prompts(s, prompts, tokenizer)
     dataset = Dataset.from_list(prompts)
     check_enough_data(s, len(train_rows), len(eval_rows) + len(select_rows), len(dataset))
