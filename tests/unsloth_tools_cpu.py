@@ -4,8 +4,8 @@ UnslothGRPOTrainer, on a CPU, in a process of its own (Unsloth patches trl for t
     python tests/unsloth_tools_cpu.py --gpu ampere --out SCRATCH
 
 Unsloth is imported and patches trl as on a GPU, and the GPU is simulated, as tests/unsloth_cpu.py does
-(its docstring lists the stand-ins; this file uses 1, the simulated card, and 4, PEFT's LoRA with
-Unsloth's for_training and for_inference attached). The model is the scripted one
+(its docstring lists the stand-ins; this file uses 1, the simulated card, 4, PEFT's LoRA with
+Unsloth's for_training and for_inference attached, and 11, the loss's output head in fp32). The model is the scripted one
 of tests/test_tools.py: a calculator call, then the answer. Unsloth keeps TRL's tool loop
 (_tool_call_loop and _get_tool_suffix_ids are TRL's), and its own loss takes TRL's tool_mask:
 unsloth/models/rl_replacements.py compute_loss hands it to unsloth_zoo's grpo_accumulated_loss, which
@@ -46,8 +46,8 @@ def main():
         "--max-completion-length", "96", "--rewards", "correctness_reward", "--output-dir", args.out],
         train_gsm8k.add_args)
     tokenizer = tools.check_tokenizer(qwen_tokenizer(), "Qwen2.5 (test)", True, "unsloth")
-    # Half the tiny model's width (heads of 16): the step computes bf16 logits over Qwen's 151,665 tokens, which
-    # on a CPU without bf16 instructions costs 6 times fp32's; nothing here reads the model's width.
+    # Half the tiny model's width (heads of 16): the step computes its logits over Qwen's 151,665 tokens, in bf16
+    # but for the loss's output head (tests/unsloth_cpu.py, stand-in 11); nothing here reads the model's width.
     model = scripted_model(tokenizer, "6*7", "21", hidden_size=64)
     model = models.add_lora(model.to(models.compute_dtype()), s["lora_rank"])
     model.for_training = functools.partial(FastLlamaModel.for_training, model)  # what get_peft_model attaches
