@@ -5,8 +5,8 @@ UnslothGRPOTrainer, on a CPU, in a process of its own (Unsloth patches trl for t
 
 Unsloth is imported and patches trl as on a GPU, and the GPU is simulated, as tests/unsloth_cpu.py does
 (its docstring lists the stand-ins; this file uses 1, the simulated card, 4, PEFT's LoRA with
-Unsloth's for_training and for_inference attached, and 11, the loss's output head in fp32). The model is the scripted one
-of tests/test_tools.py: a calculator call, then the answer. Unsloth keeps TRL's tool loop
+Unsloth's for_training and for_inference attached, and 11, the loss's output head in fp32). The model
+is the scripted one of tests/test_tools.py: a calculator call, then the answer. Unsloth keeps TRL's tool loop
 (_tool_call_loop and _get_tool_suffix_ids are TRL's), and its own loss takes TRL's tool_mask:
 unsloth/models/rl_replacements.py compute_loss hands it to unsloth_zoo's grpo_accumulated_loss, which
 multiplies it into the mask it repacks (align_completion_tool_mask). This run records that loss's
