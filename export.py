@@ -8,7 +8,9 @@ their fidelity to the adapter, and a push to the Hugging Face Hub.
 
 The training scripts call the same functions with --save-merged, --save-gguf and --push-to-hub, last,
 once the adapter, stats, plot and evaluation are saved: a failed export or push loses none of them,
-and its message gives the command above to try again.
+and its message gives the command above to try again. A run that kept the base model (no trained step
+beat it on the held-out questions) exports and pushes nothing: the script, or export.py, exits non-zero
+with one line that says why and gives the command that takes the last adapter, --checkpoint last.
 
 What an export needs, checked before training where it can be (check_exports):
   both   the base model's 16-bit weights. Unsloth trains on a 4-bit copy, so it fetches the 16-bit
@@ -151,14 +153,23 @@ def export_run(model, tokenizer, run_dir, backend, model_name, merged=False, ggu
     """Every export asked for, of ``model``: the adapter the run kept (``kept``, best.json's record), or the
     last where ``kept`` is None; then the push (``push_to_hub``: the repo id push.check returned). A failure
     is reported with how to retry (``checkpoint``: the flag that loaded it), and the next one still runs.
-    Returns the flags that failed. When the base model was kept, there is nothing trained to export."""
-    from grpo_math import best
+    Returns the flags that failed or were not done.
+
+    When the run kept the base model, none is done: one line says why and gives the export.py command that
+    takes the last adapter, and the flags asked for are returned, so that the script exits non-zero. The
+    base is kept only when the trained steps measured worse than it on held-out questions: exporting or
+    pushing the last adapter anyway would ship a model measured worse under a name that passes for the run's
+    result, and an exit of 0 would hide that nothing was exported. The run folder is whole, and the command
+    exports the last adapter on purpose."""
+    from grpo_math import best, push
 
     if (merged or gguf or push_to_hub) and kept is not None and not kept["adapter"]:
-        print(f"no export and no push: no step beat the base model on the held-out questions, so the run kept the "
-              f"base model and has no trained weights to share. {retry_command(run_dir, merged, gguf, 'last')}"
-              f"{f' --push-to-hub {push_to_hub}' if push_to_hub else ''} takes the last adapter")
-        return []
+        push_flags = ["--push-to-hub", push_to_hub] + (["--private"] if private else [])
+        asked = {"--save-merged": ["--merged"] if merged else [], "--save-gguf": ["--gguf", gguf] if gguf else [],
+                 "--push-to-hub": push_flags if push_to_hub else []}  # each one's flags in export.py's command
+        not_done = [flag for flag, flags in asked.items() if flags]
+        print(push.kept_base_line(run_dir, sum(asked.values(), []), not_done))
+        return not_done
     adapter_dir = run_dir if kept is None else os.path.join(run_dir, best.BEST_DIR)
     retry = functools.partial(retry_command, run_dir, checkpoint=checkpoint)
     lost_nothing = f"Nothing else was lost: the adapter, stats, plot and evaluation are in {run_dir}."
@@ -211,6 +222,14 @@ def load_run(run_dir, backend, model_name, adapter_dir=None):
     return models.load_adapter(model, adapter_dir), tokenizer
 
 
+def _flags(args):
+    """export.py's flags in ``args``, as a command gives them, but the run folder and --checkpoint."""
+    given = (("--merged", args.merged), ("--gguf", args.gguf), ("--check", args.check),
+             ("--push-to-hub", args.push_to_hub), ("--private", args.private),
+             ("--backend", None if args.backend == "auto" else args.backend), ("--overwrite", args.overwrite))
+    return [part for flag, value in given if value for part in ([flag] if value is True else [flag, value])]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -228,7 +247,8 @@ def main(argv=None):
                    help="unsloth or trl, to load and merge the adapter; auto takes the run's own")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
                    help="best: the adapter the run kept in RUN/best/ (the best on its held-out selection questions; "
-                        "README, 'Which adapter you get'), or the last where it kept none; last: the last step's")
+                        "README, 'Which adapter you get'), or the last where it selected none; a run that kept the base "
+                        "model exports nothing, and says so; last: the last step's")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")
     args = p.parse_args(argv)
     if not (args.merged or args.gguf or args.check or args.push_to_hub):
@@ -244,8 +264,12 @@ def main(argv=None):
     if args.gguf:
         _refuse_existing(os.path.join(args.run_dir, GGUF_DIR), args.overwrite)
 
-    from grpo_math import best, models
+    from grpo_math import best, models, push
 
+    adapter_dir, which = best.adapter_to_load(args.run_dir, args.checkpoint)
+    if adapter_dir is None:  # the run kept the base model: one line, why and the command that takes the last adapter
+        raise SystemExit(push.kept_base_line(args.run_dir, _flags(args)))
+    print(which)
     with open(os.path.join(args.run_dir, "config.json")) as f:
         config = json.load(f)
     model_name = config["settings"]["model_name"]
@@ -253,11 +277,6 @@ def main(argv=None):
     backend, reason = ("trl", "--smoke run") if model_name == "tiny" else models.choose_backend(requested)
     repo_id = check_exports(model_name, args.merged, args.gguf, backend, reason, args.push_to_hub, args.private,
                             training=False)
-    adapter_dir, which = best.adapter_to_load(args.run_dir, args.checkpoint)
-    print(which)
-    if adapter_dir is None:
-        raise SystemExit("nothing to export: the run kept the base model, so it has no trained weights to merge or "
-                         "push; --checkpoint last takes the last adapter")
     kept = best.read(args.run_dir) if adapter_dir != args.run_dir else None
     if args.merged or args.gguf or args.check:
         model, tokenizer = load_run(args.run_dir, backend, model_name, adapter_dir)

@@ -240,13 +240,15 @@ def main(argv=None):
         runs.mark_finished(s["output_dir"], step, kept)
 
     # 10. Exports of the kept adapter last (--save-merged, --save-gguf), then the push (--push-to-hub): a failed
-    #     one costs nothing saved above, and its message gives the command that tries it again.
+    #     one costs nothing saved above, and its message gives the command that tries it again. A run that kept
+    #     the base model exports nothing: one line says why and gives the command that takes the last adapter.
     failed = export.export_run(model, tokenizer, s["output_dir"], backend, s["model_name"],
                                merged=s["save_merged"], gguf=s["save_gguf"], kept=kept,
                                push_to_hub=repo_id, private=s["private"])
     print(f"done in {time.time() - t0:.1f} s; run folder: {s['output_dir']}")
     if failed:
-        raise SystemExit(f"training and evaluation are saved, but {' and '.join(failed)} failed (see above)")
+        raise SystemExit(f"training and evaluation are saved, but {' and '.join(failed)} "
+                         f"{'was' if len(failed) == 1 else 'were'} not done (see above)")
     return s
 
 

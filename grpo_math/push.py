@@ -6,6 +6,8 @@
     model_card(run_dir, kind, repo_id, checkpoint)
                                    a repo's README.md, from the template model_card.md beside this file
     retry_command(run_dir, repo_id)  the export.py command that pushes the run again
+    kept_base_line(run_dir, flags)   for a run that kept the base model: why an export or push is not done,
+                                     and the export.py command that takes the last adapter instead
 
 Each part goes to its own repo, at the root, where the tool that loads it looks by default:
     REPO         the LoRA adapter and its tokenizer: PeftModel.from_pretrained(base, "REPO"); the run's
@@ -141,6 +143,26 @@ def retry_command(run_dir, repo_id, private=False, checkpoint="best"):
             + (" --checkpoint last" if checkpoint == "last" else ""))
 
 
+VERBS = {"--merged": "export", "--gguf": "export", "--check": "check", "--push-to-hub": "push"}  # export.py's asks
+
+
+def kept_base_line(run_dir, flags, not_done=None):
+    """One line for an export, check or push asked of a run that kept the base model (best.json, step 0): that
+    ``not_done`` (default: the export.py flags in ``flags`` that ask for something) was not done, why, and the
+    export.py command, ``flags`` and --checkpoint last, that does it with the last adapter. The base is kept
+    only when the trained steps measured worse than it on held-out questions: the last adapter, shared under
+    the run's name, would pass for its result: sharing it takes that command, on purpose."""
+    asked = [flag for flag in flags if flag in VERBS]
+    not_done = not_done or asked
+    verbs = " and ".join(dict.fromkeys(VERBS[flag] for flag in asked))
+    last = best.last_step(run_dir)
+    record = os.path.join(run_dir, best.BEST_DIR, best.BEST_FILE)
+    command = "python export.py " + shlex.join([run_dir, *flags, "--checkpoint", "last"])
+    return (f"{' and '.join(not_done)} {'was' if len(not_done) == 1 else 'were'} not done: the run kept the base "
+            f"model (no trained step beat it on the held-out questions, {record}), so it has no trained weights to "
+            f"{verbs}. To {verbs} the last adapter{'' if last is None else f', step {last},'} anyway: {command}")
+
+
 def push_run(run_dir, repo_id, private=False, adapter_dir=None, checkpoint="best"):
     """Push the run in ``run_dir``: the adapter in ``adapter_dir`` (default: best.adapter_to_load's for
     ``checkpoint``) to ``repo_id``, RUN/merged to REPO-merged and RUN/gguf to REPO-GGUF where they exist.
@@ -149,10 +171,8 @@ def push_run(run_dir, repo_id, private=False, adapter_dir=None, checkpoint="best
 
     if adapter_dir is None:
         adapter_dir, _ = best.adapter_to_load(run_dir, checkpoint)
-    if adapter_dir is None:
-        retry = retry_command(run_dir, repo_id, private, "last")
-        raise SystemExit("nothing to push: no step beat the base model on the held-out questions, so the run kept "
-                         f"the base model and has no trained weights. {retry} pushes the last adapter")
+    if adapter_dir is None:  # the run kept the base model
+        raise SystemExit(kept_base_line(run_dir, ["--push-to-hub", repo_id, *(["--private"] if private else [])]))
     kept_dir = os.path.join(run_dir, best.BEST_DIR)
     checkpoint = "best" if os.path.abspath(adapter_dir) == os.path.abspath(kept_dir) else "last"
     api = _api()

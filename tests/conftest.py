@@ -84,6 +84,21 @@ def assert_held_out_sets_apart(run, train_questions):
     assert train_questions and not set(train_questions) & (selected | reported)
 
 
+def keep_the_base(run):
+    """Make the run in ``run`` one that kept the base model, whatever its steps scored: RUN/best/ holds only
+    best.json, naming step 0 with no adapter and the base model's figures (grpo_math/best.py), and a finished
+    run's config.json says so. The run must have selected (held-out evaluation during training on)."""
+    from grpo_math import best, runs
+
+    record = best.read(run)
+    kept = {**record, **record["base"], "adapter": False, "why": "the base model, scored first"}
+    best.save(run, None, None, kept)
+    last = best.last_step(run)
+    if last is not None:
+        runs.mark_finished(run, last, kept)
+    return kept
+
+
 def stats_of(run_dir):
     with open(os.path.join(run_dir, "training_stats.json")) as f:
         return json.load(f)

@@ -11,7 +11,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT, SCRIPT_ENV, forks, stats_of
+from conftest import ROOT, SCRIPT_ENV, forks, keep_the_base, side_by_side, stats_of
+from grpo_math import best
 
 NOTEBOOK = os.path.join(ROOT, "notebooks", "train_gsm8k.ipynb")
 
@@ -41,7 +42,8 @@ def test_notebook_is_stored_without_outputs():
 
 def test_notebook_runs_on_the_smoke_settings(tmp_path):
     """Without a GPU the notebook takes the smoke settings: install skipped, training with the plot
-    shown inline, the evaluation table, and the merged export."""
+    shown inline, the evaluation table, and the merged export, or, where the run kept the base model,
+    the line that gives the command that exports the last adapter."""
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     settings = next(c for c in notebook.cells if "DEFAULTS.update(" in c.source)
     assert 'output_dir="outputs/gsm8k",' in settings.source
@@ -57,13 +59,45 @@ def test_notebook_runs_on_the_smoke_settings(tmp_path):
     assert "text/markdown" in outputs(evaluation)[1]
     table = next(o.data["text/markdown"] for o in evaluation.outputs if o.output_type == "display_data")
     assert "| majority vote |" in table and "| agent step_by_step |" in table
-    export = next(c for c in notebook.cells if "export.main(" in c.source)
-    assert "model.safetensors" in outputs(export)[0]
-
+    export = next(c for c in notebook.cells if c.cell_type == "code" and "export.main(" in c.source)
     smoke = run + "-smoke"
+    kept = best.read(smoke)
+    if kept is not None and not kept["adapter"]:  # the selection rule kept the base model: nothing to merge
+        assert f"python export.py {smoke} --merged --overwrite --checkpoint last" in outputs(export)[0]
+        assert not os.path.exists(os.path.join(smoke, "merged"))
+    else:
+        assert "model.safetensors" in outputs(export)[0]
+        assert os.path.exists(os.path.join(smoke, "merged", "config.json"))
+
     assert [e["step"] for e in stats_of(smoke)] == [0, 1, 2, 3, 4]  # step 0: the held-out baseline
-    for name in ("adapter_model.safetensors", "rewards.png", "eval.json", "eval/eval.md", "merged/config.json"):
+    for name in ("adapter_model.safetensors", "rewards.png", "eval.json", "eval/eval.md"):
         assert os.path.exists(os.path.join(smoke, name)), name
+
+
+def test_export_cell_on_a_run_that_kept_the_base_and_on_one_that_selected_none(tmp_path):
+    """The notebook's export cell on two 2-step smoke runs: one made to keep the base model, where it exports
+    nothing and prints the line with the command that exports the last adapter; one that selected none
+    (--eval-every 0), where it merges the last adapter. Neither raises."""
+    base, last = str(tmp_path / "base"), str(tmp_path / "last")
+    for proc in side_by_side([["train_synthetic.py", "--smoke", "--max-steps", "2", "--output-dir", base],
+                              ["train_synthetic.py", "--smoke", "--max-steps", "2", "--eval-every", "0",
+                               "--output-dir", last]]):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    keep_the_base(base)
+    cell = next(c for c in nbformat.read(NOTEBOOK, as_version=4).cells
+                if c.cell_type == "code" and "export.main(" in c.source)
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(f"import os\ns = {{'output_dir': {base!r}}}"), cell,
+        nbformat.v4.new_code_cell(f"s = {{'output_dir': {last!r}}}"), nbformat.v4.new_code_cell(cell.source),
+    ])
+    execute(notebook, ROOT)
+
+    text = outputs(notebook.cells[1])[0]
+    assert text.startswith("--merged was not done: the run kept the base model")
+    assert text.strip().endswith(f"anyway: python export.py {base} --merged --overwrite --checkpoint last")
+    assert not os.path.exists(os.path.join(base, "merged"))
+    assert "model.safetensors" in outputs(notebook.cells[3])[0]
+    assert os.path.isfile(os.path.join(last, "merged", "config.json"))
 
 
 @pytest.mark.parametrize("script, output_dir", [

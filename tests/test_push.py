@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError
 
-from conftest import run_script
+from conftest import keep_the_base, run_script
 from grpo_math import intervals, push
 from hub_server import ORG, USER, hub  # noqa: F401 (hub is the fixture)
 
@@ -162,18 +162,22 @@ def test_base_model_on_the_hub(name, base):
 
 
 def test_a_run_that_kept_the_base_model_pushes_nothing(hub, run, tmp_path):
-    """No step beat the base: there are no trained weights to push, and the line says --checkpoint last."""
+    """No step beat the base: there are no trained weights to push. push_run and export.py --push-to-hub stop
+    before the Hub is asked anything, with one line that gives the command that pushes the last adapter."""
+    import export
+
     out = str(tmp_path / "run")
     shutil.copytree(run, out)
-    shutil.rmtree(os.path.join(out, "best"))
-    os.makedirs(os.path.join(out, "best"))
-    with open(os.path.join(run, "best", "best.json")) as f:
-        record = json.load(f)
-    with open(os.path.join(out, "best", "best.json"), "w") as f:
-        json.dump({**record, "step": 0, "adapter": False}, f)
-    with pytest.raises(SystemExit, match="kept the base model.*--checkpoint last pushes the last adapter"):
+    keep_the_base(out)
+    why = (f"the run kept the base model (no trained step beat it on the held-out questions, {out}/best/best.json), "
+           f"so it has no trained weights to push. To push the last adapter, step 2, anyway: python export.py {out}")
+    with pytest.raises(SystemExit) as library:
         push.push_run(out, REPO)
-    assert hub.requests == []
+    assert library.value.code == f"--push-to-hub was not done: {why} --push-to-hub {REPO} --checkpoint last"
+    with pytest.raises(SystemExit) as command:
+        export.main([out, "--push-to-hub", "run", "--private"])
+    assert command.value.code == f"--push-to-hub was not done: {why} --push-to-hub run --private --checkpoint last"
+    assert hub.requests == [] and not hub.repos
 
 
 def fine_grained(*permissions):
