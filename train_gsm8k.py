@@ -32,7 +32,8 @@ notebooks/train_gsm8k.ipynb).
 
 Ctrl-C stops after the current step, with a checkpoint, and prints the command that continues.
 Outputs (one run folder): the last step's LoRA adapter and tokenizer, best/ (the adapter the run kept:
-the best on held-out questions, or only best.json when no step beat the base model), config.json,
+the last, unless an earlier model was clearly better on held-out questions; only best.json where that
+is the base model), highest/ (the highest-scoring step's adapter), config.json,
 training_stats.json, rewards.png, the two newest checkpoint-N/ folders and eval.json. Reload with
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(MODEL), RUN_DIR + "/best")
 Export the kept one with --save-merged or --save-gguf q4_k_m, or later: python export.py RUN_DIR --merged
@@ -225,10 +226,10 @@ def main(argv=None):
         if stats:
             progress.plot_rewards(stats, os.path.join(s["output_dir"], "rewards.png"))
 
-        # 9. The model users get: the adapter kept in RUN/best/, the best on the selection questions
-        #    (grpo_math/best.py), or the base model when no step beat it. A quick evaluation scores it, and
-        #    the last adapter where that is another, on the --eval-examples questions, which the selection
-        #    never saw: greedy, graded as evaluate.py grades.
+        # 9. The model users get: the adapter kept in RUN/best/, the last unless the base model or the
+        #    highest-scoring step was clearly better on the selection questions (grpo_math/best.py). An
+        #    evaluation scores it, and the last adapter where that is another, on the --eval-examples
+        #    questions, which the selection never saw: greedy, graded as evaluate.py grades.
         kept = best.read(s["output_dir"])  # None when nothing was selected (--eval-every 0)
         if eval_rows and not s["skip_evaluation"]:
             model = models.for_inference(model, backend)

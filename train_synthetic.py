@@ -223,10 +223,10 @@ def main(argv=None):
         if stats:
             progress.plot_rewards(stats, os.path.join(s["output_dir"], "rewards.png"))
 
-        # 9. The model users get: the adapter kept in RUN/best/, the best on the selection questions
-        #    (grpo_math/best.py), or the base model when no step beat it. A quick evaluation scores it, and
-        #    the last adapter where that is another, on the --eval-examples questions, which the selection
-        #    never saw: greedy, graded as evaluate.py grades.
+        # 9. The model users get: the adapter kept in RUN/best/, the last unless the base model or the
+        #    highest-scoring step was clearly better on the selection questions (grpo_math/best.py). An
+        #    evaluation scores it, and the last adapter where that is another, on the --eval-examples
+        #    questions, which the selection never saw: greedy, graded as evaluate.py grades.
         kept = best.read(s["output_dir"])  # None when nothing was selected (--eval-every 0)
         if eval_rows and not s["skip_evaluation"]:
             model = models.for_inference(model, backend)

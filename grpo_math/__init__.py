@@ -16,7 +16,7 @@ Training
     progress      the progress line, training_stats.json per step, Ctrl-C, the out-of-memory hint, rewards.png,
                   the warning when vLLM's sampling drifts from the trained model
     held_out      --eval-every: held-out accuracy during training, and the reward-hacking warning
-    best          the adapter a run keeps (RUN/best/): the best on the selection questions, the base model counting
+    best          the adapter a run keeps (RUN/best/): the last, unless an earlier model is clearly better
     runs          the run folder: start, reuse, --overwrite, --resume, finish; config.json; atomic JSON
     distributed   torchrun / accelerate launch: the first process decides and writes, every one stops alike
     hub           one quick question to the Hugging Face hub before a model or data set is loaded from it
@@ -34,7 +34,7 @@ Grading and reporting
     scoring       an evaluation's figures: per agent, votes, pass@k, matched compute, reference perplexity
     intervals     Wilson intervals, the paired bootstrap and McNemar's test
     report        eval.json, eval.md and eval.png
-    vllm_engine   evaluate.py --engine vllm: the agents' answers from vLLM, over a merged copy of the model
+    vllm_engine   vLLM's answers: evaluate.py --engine vllm (a merged copy), and training's engine for held-out ones
 
 The modules import the kit's top-level plug-ins (agents, data, rewards) by name, so the kit's folder
 must be on sys.path: it is for `python train_gsm8k.py` (from any folder), `python -m bench.bench` run

@@ -7,9 +7,12 @@
         the trainer callback that scores the selection rows (--select-examples of them, never trained
         on, apart from the --eval-examples of the quick evaluation after training) at those steps:
         the first agent's greedy answers (evaluation.quick_eval), graded with rewards.is_correct as
-        evaluate.py grades.
-        Each result goes to best.Keeper, which keeps the best adapter in RUN/best/ and counts the
-        evaluations clearly below it for --stop-after-worse. Off with --eval-every 0,
+        evaluate.py grades. Where vLLM samples the rollouts (TRL's colocate mode, or Unsloth's
+        fast_inference), that engine answers, with the weights of the step just trained
+        (vllm_engine.training_engine); no second engine is started. Elsewhere generate() does.
+        Each result goes to best.Keeper, which applies the rule (the last adapter, unless an earlier
+        model is clearly better), saves the kept adapter in RUN/best/ and counts the evaluations at
+        which an earlier model won, for --stop-after-worse. Off with --eval-every 0,
         --select-examples 0 or --skip-evaluation.
     reward_hacking_warning(stats)
         the line to print when, over the last 3 evaluations, the mean reward rose while held-out
@@ -43,11 +46,11 @@ import time
 
 import torch
 
-from grpo_math import best, distributed, tools
+from grpo_math import best, distributed, tools, vllm_engine
 from grpo_math.evaluation import quick_eval
 
 ACCURACY, FORMAT, SECONDS = "eval/accuracy", "eval/format_compliance", "eval/seconds"
-BEST_STEP = "eval/best_step"  # the step kept so far (best.py), 0 while it is the base model
+BEST_STEP = "eval/best_step"  # the step kept so far (best.py), 0 for the base model
 
 
 def due(step, every, max_steps):
@@ -72,6 +75,7 @@ def evaluation(model, tokenizer, rows, s, backend):
             self.every = 0 if s["skip_evaluation"] or not rows else s["eval_every"]
             self.trainer = None  # set by progress.watch: the results are logged through it
             self.keeper = best.Keeper(s["output_dir"], model, tokenizer)
+            self.said = False  # which engine answers: said at the first evaluation
 
         def on_train_begin(self, args, state, control, **kwargs):
             if not self.every:
@@ -98,26 +102,35 @@ def evaluation(model, tokenizer, rows, s, backend):
 
         def score(self, args, state):
             start = time.perf_counter()
+            # vLLM answers where it samples the rollouts; with --tools, generate() runs the kit's tool loop
+            engine = vllm_engine.training_engine(self.trainer, self.model, self.tokenizer) \
+                if self.trainer and not s["tools"] else None
+            if not self.said:
+                print(f"held-out evaluation: {len(self.rows)} questions, answered by "
+                      f"{'vLLM, the engine that samples the rollouts' if engine else 'generate()'}", flush=True)
+                self.said = True
             with torch.random.fork_rng(), generating(self.model, self.backend, args.gradient_checkpointing):
                 result = quick_eval(self.model, self.tokenizer, self.rows, s["agents"], s["prompt_style"],
                                     s["max_completion_length"], examples=s["worked_examples"],
                                     tools=tools.get_tools(s["tools"]), max_tool_calls=s["max_tool_calls"],
-                                    thinking=s["thinking"])
+                                    thinking=s["thinking"], engine=engine)
             seconds = round(time.perf_counter() - start, 3)
-            kept = self.keeper.update(state.global_step, result)  # a new best is saved before training goes on
+            kept = self.keeper.update(state.global_step, result)  # what it keeps is saved before training goes on
             state.best_metric, state.best_global_step = kept["accuracy"], kept["step"]  # in trainer_state.json
             return {ACCURACY: result["accuracy"], FORMAT: result["format_compliance"], SECONDS: seconds,
                     BEST_STEP: kept["step"]}
 
         def stop(self, state):
-            """--stop-after-worse K: True on every process once K evaluations in a row were clearly below
-            the best (best.Keeper.worse_in_a_row)."""
+            """--stop-after-worse K: True on every process once K evaluations in a row found an earlier model
+            clearly better than the latest step (best.Keeper.worse_in_a_row)."""
             k = self.s["stop_after_worse"]
             if not distributed.anyone(distributed.is_main() and self.keeper.worse_in_a_row >= k):
                 return False
             if distributed.is_main():
+                kept = self.keeper.best["step"]
                 print(f"stopped early at step {state.global_step}: {k} evaluation{'s' * (k > 1)} in a row clearly "
-                      f"below the best, step {self.keeper.best['step']} (--stop-after-worse {k})", flush=True)
+                      f"below an earlier model; the kept one is {f'step {kept}' if kept else 'the base model'} "
+                      f"(--stop-after-worse {k})", flush=True)
             return True
 
     return Evaluation()

@@ -159,7 +159,7 @@ def kept_base_line(run_dir, flags, not_done=None):
     record = os.path.join(run_dir, best.BEST_DIR, best.BEST_FILE)
     command = "python export.py " + shlex.join([run_dir, *flags, "--checkpoint", "last"])
     return (f"{' and '.join(not_done)} {'was' if len(not_done) == 1 else 'were'} not done: the run kept the base "
-            f"model (no trained step beat it on the held-out questions, {record}), so it has no trained weights to "
+            f"model (clearly better than its trained steps on the held-out questions, {record}), so it has no trained weights to "
             f"{verbs}. To {verbs} the last adapter{'' if last is None else f', step {last},'} anyway: {command}")
 
 

@@ -149,7 +149,7 @@ def test_a_run_that_kept_the_base_exports_nothing(hub, tmp_path, monkeypatch, ca
                              f"{'was' if len(asked) == 1 else 'were'} not done (see above)"
     line = next(x for x in capsys.readouterr().out.splitlines() if "not done" in x)
     assert line.startswith(f"{' and '.join(asked)} {'was' if len(asked) == 1 else 'were'} not done: the run kept "
-                           f"the base model (no trained step beat it on the held-out questions, {out}/best/best.json)")
+                           f"the base model (clearly better than its trained steps on the held-out questions, {out}/best/best.json)")
     assert line.endswith(f"the last adapter, step 2, anyway: python export.py {out} {command} --checkpoint last")
     for name in RUN_FILES:
         assert os.path.exists(os.path.join(out, name)), name
@@ -182,8 +182,9 @@ def test_export_py_refuses_a_run_that_kept_the_base_and_its_command_exports_the_
     refused = run_script("export.py", out, "--merged", check=False)
     line = refusal(refused)
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
-    assert line.startswith(f"--merged was not done: the run kept the base model (no trained step beat it on the "
-                           f"held-out questions, {out}/best/best.json), so it has no trained weights to export.")
+    assert line.startswith(f"--merged was not done: the run kept the base model (clearly better than its trained "
+                           f"steps on the held-out questions, {out}/best/best.json), so it has no trained weights to "
+                           "export.")
     assert line.endswith(f"To export the last adapter, step 2, anyway: python export.py {out} --merged --checkpoint last")
     assert not os.path.exists(os.path.join(out, export.MERGED_DIR))
 

@@ -169,7 +169,7 @@ def test_a_run_that_kept_the_base_model_pushes_nothing(hub, run, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(run, out)
     keep_the_base(out)
-    why = (f"the run kept the base model (no trained step beat it on the held-out questions, {out}/best/best.json), "
+    why = (f"the run kept the base model (clearly better than its trained steps on the held-out questions, {out}/best/best.json), "
            f"so it has no trained weights to push. To push the last adapter, step 2, anyway: python export.py {out}")
     with pytest.raises(SystemExit) as library:
         push.push_run(out, REPO)

@@ -26,16 +26,17 @@ AGENTS = {"step_by_step", "concise", "verify", "teacher"}
 TRAIN = ["--smoke", "--vllm", "on", "--max-steps", "3", "--learning-rate", "0.05"]
 
 
-def harness(tmp_path, script, *flags, crafted=False, sync=True):
+def harness(tmp_path, script, *flags, crafted=False, sync=True, fp32=False):
     need_vllm()
     out, run = tmp_path / "vllm.json", tmp_path / "run"
     crafted = {False: [], True: ["--crafted"], "tools": ["--crafted-tools"]}[crafted] + ([] if sync else ["--no-sync"])
+    crafted += ["--fp32"] if fp32 else []
     proc = run_script("tests/vllm_cpu.py", "--out", str(out), *crafted, script,
                       *TRAIN, "--output-dir", str(run), *flags)
     return json.loads(out.read_text()), proc.stdout, str(run)
 
 
-def assert_trained_through_vllm(record, stdout, run):
+def assert_trained_through_vllm(record, stdout, run, fp32=False):
     assert "generation: vLLM, TRL's colocate mode (--vllm on)" in stdout
     stats = stats_of(run)[1:]  # after step 0's baseline evaluation
     assert [e["step"] for e in stats] == [1, 2, 3]
@@ -47,13 +48,16 @@ def assert_trained_through_vllm(record, stdout, run):
     assert any(e["grad_norm"] > 0 for e in stats)
     assert "sampler drift" not in stdout and "vLLM is not sampling" not in stdout
     # After each sync, vLLM's every linear layer computes what the trained weights, LoRA merged, do (up to
-    # bf16 rounding). The first sync, before any step, holds the base; the last, after step 2, holds weights
-    # that moved: some layer is then far from the base.
+    # bf16 rounding). A sync before each step's rollouts, the first made for step 0's held-out evaluation,
+    # and one for the evaluation after step 3, which vLLM answers too. The first holds the base; the last
+    # holds weights that moved: some layer is then far from the base.
     first, last = record["syncs"][0], record["syncs"][-1]
-    assert len(record["syncs"]) == 3 and len(last["trained"]) == 2 * 4  # 2 layers x qkv, o, gate_up, down
-    assert max(first["base"].values()) < 0.02
-    assert max(last["trained"].values()) < 0.02
-    assert max(last["base"].values()) > 0.1
+    assert len(record["syncs"]) == 4 and len(last["trained"]) == 2 * 4  # 2 layers x qkv, o, gate_up, down
+    # In float32 (--fp32) the rounding is float32's, and the weights, 10 times larger, move less in relative terms.
+    rounding, moved = (1e-4, 0.01) if fp32 else (0.02, 0.1)
+    assert max(first["base"].values()) < rounding
+    assert max(last["trained"].values()) < rounding
+    assert max(last["base"].values()) > moved
 
 
 def test_grpo_with_vllm_stops_at_the_tag_and_syncs_the_trained_weights(tmp_path):
@@ -68,12 +72,23 @@ def test_grpo_with_vllm_stops_at_the_tag_and_syncs_the_trained_weights(tmp_path)
     assert_trained_through_vllm(record, stdout, run)
 
 
-def test_grpo_with_vllm_in_the_chat_form(tmp_path):
-    """The chat form on the random tiny model: no stop string (the end-of-turn token ends an answer)."""
-    record, stdout, run = harness(tmp_path, "train_gsm8k.py")
+def test_grpo_with_vllm_in_the_chat_form_and_its_engine_answers_the_held_out_questions(tmp_path):
+    """The chat form on the random tiny model: no stop string (the end-of-turn token ends an answer). vLLM in
+    float32 (--fp32). The held-out evaluations, at step 0 and after step 3, are answered by the engine that
+    samples the rollouts, the only one started, with the weights of the step just trained: token for token
+    generate()'s on the same model. The step 3 weights moved (the syncs show it), so a stale engine would differ."""
+    record, stdout, run = harness(tmp_path, "train_gsm8k.py", fp32=True)
     assert "stop" not in record["sampling"]
     assert len(record["completions"]) == 3 * 4 and len(set(record["completions"])) > 1
-    assert_trained_through_vllm(record, stdout, run)
+    assert_trained_through_vllm(record, stdout, run, fp32=True)
+    assert record["engines"] == 1
+    assert "held-out evaluation: 8 questions, answered by vLLM, the engine that samples the rollouts" in stdout
+    assert [e["step"] for e in record["held_out"]] == [0, 3]
+    for evaluation in record["held_out"]:
+        assert len(evaluation["vllm"]) == 8 and evaluation["vllm"] == evaluation["generate"]
+        assert len(set(text for text, _ in evaluation["vllm"])) > 1  # answers that differ by question
+    assert record["held_out"][0]["vllm"] != record["held_out"][1]["vllm"]  # the trained weights answered at step 3
+    assert [e["eval/accuracy"] is not None for e in stats_of(run) if e["step"] in (0, 3)] == [True, True]
 
 
 def test_a_sampler_that_never_learns_is_warned_about(tmp_path):

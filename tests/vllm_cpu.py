@@ -12,8 +12,18 @@ Nothing is stood in for vLLM or TRL. The harness only watches, and records in RE
                the trained weights with the LoRA merged ("trained") and of the base weights alone
                ("base"), as the largest difference over the largest value of either reference
 
+  engines      how many vLLM engines (vllm.LLM) the training started
+  held_out     each held-out evaluation that vLLM answered in training (vllm_engine.training_engine,
+               wrapped): its step, vLLM's (text, token count) answers and, from the same weights at the
+               same moment, evaluation.generate_answers'
+
 --no-sync stands in a weight sync that does nothing, as a sampler that never learns: vLLM samples from
 the base model all run long.
+
+--fp32 starts TRL's engine in float32 (the kit leaves vLLM its default on a CPU, bfloat16), so that its greedy
+answers can be held to generate()'s, token for token, and gives the tiny model weights drawn with a standard
+deviation of 0.2 rather than 0.02: its greedy answers then differ by prompt and by step (at 0.02 each one
+repeats the prompt's last token), with the most likely token at about 15%, so that a near-tie is rare.
 
 --evaluate "FLAGS" runs evaluate.py's main() with FLAGS once the training has ended, in the same process, so
 that torch, TRL and vLLM are imported once (some 15 s on a CPU). RESULT.json's "evaluated" then holds every
@@ -48,6 +58,19 @@ sys.path.insert(0, ROOT)
 
 
 TINY = None  # models.tiny_model_and_tokenizer, before --crafted replaces it
+
+
+def spread_model(seed=0, hidden_size=128, num_layers=2, tokenizer=None):
+    """The tiny model with every weight matrix drawn from N(0, 0.2) (--fp32, module docstring)."""
+    import torch
+
+    model, tokenizer = TINY(seed, hidden_size, num_layers, tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.normal_(0, 0.2, generator=generator)
+    return model, tokenizer
 
 
 def crafted_model(seed=0, hidden_size=128, num_layers=2, tokenizer=None):
@@ -167,6 +190,7 @@ def main():
     p.add_argument("--crafted-tools", action="store_true", help="the tool-calling state machine (module docstring)")
     p.add_argument("--no-sync", action="store_true",
                    help="a stand-in for the weight sync that does nothing: vLLM keeps sampling from the base model")
+    p.add_argument("--fp32", action="store_true", help="TRL's vLLM engine in float32 (module docstring)")
     p.add_argument("--evaluate", metavar="FLAGS", help="evaluate.py's flags, run after the training (docstring)")
     p.add_argument("--families", help="comma-separated families of tests/families.py, in turn (docstring)")
     p.add_argument("script", help="train_synthetic.py or train_gsm8k.py")
@@ -181,9 +205,9 @@ def main():
     records = {}  # family (None without --families) -> its record
     record = None  # the one being written, which the wrappers below add to
     global TINY
-    if args.crafted or args.crafted_tools:
+    if args.crafted or args.crafted_tools or args.fp32:
         TINY, models.tiny_model_and_tokenizer = models.tiny_model_and_tokenizer, (
-            crafted_tool_model if args.crafted_tools else crafted_model)
+            crafted_tool_model if args.crafted_tools else crafted_model if args.crafted else spread_model)
 
     generate = vllm_generation.VLLMGeneration.generate
 
@@ -213,6 +237,30 @@ def main():
         return out
 
     vllm_engine.VLLMEngine.answers = recorded_answers
+    import vllm
+
+    from grpo_math.evaluation import generate_answers
+
+    start_engine = vllm.LLM.__init__
+
+    def counted_engine(self, *a, **kw):
+        record["engines"] += 1
+        if args.fp32 and kw.get("distributed_executor_backend") == "external_launcher":  # TRL's colocate engine
+            kw["dtype"] = "float32"
+        return start_engine(self, *a, **kw)
+
+    vllm.LLM.__init__ = counted_engine
+    colocated = vllm_engine._Colocated.answers
+
+    def recorded_held_out(self, prompts, max_new_tokens, **kw):
+        out = colocated(self, prompts, max_new_tokens, **kw)
+        model = self.generation.model
+        record["held_out"].append({"step": self.trainer.state.global_step, "vllm": [a for row in out for a in row],
+                                   "generate": [a for row in generate_answers(model, self.tokenizer, prompts,
+                                                                              max_new_tokens, **kw) for a in row]})
+        return out
+
+    vllm_engine._Colocated.answers = recorded_held_out
     script = __import__(os.path.basename(args.script).removesuffix(".py"))
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     try:
@@ -220,7 +268,8 @@ def main():
             def named(flags):
                 return [f.replace("FAMILY", family) for f in flags] if family else flags
 
-            record = records[family] = {"completions": [], "prompts": [], "sampling": None, "syncs": []}
+            record = records[family] = {"completions": [], "prompts": [], "sampling": None, "syncs": [], "engines": 0,
+                                        "held_out": []}
             if family:
                 print(f"== {family}", flush=True)
             script.main(named(rest))
