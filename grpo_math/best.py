@@ -24,13 +24,14 @@ Then whichever of those two is clearly better, or of both the one with more righ
 tie), ships instead.
 
 Why this rule, and ALPHA = 0.2 with 200 selection questions (BENCHMARKS.md, "Which adapter you get";
-bench/selection_power.py simulates each candidate rule on the churn measured in the kit's own runs):
-over the 16 evaluations of a 250-step run, a run whose accuracy rises by 10 points ships a trained
-step in more than 99% of runs, and one whose steps are all 10 points below the base ships one in
-at most 1%, at base accuracies of 20% and 60%. The rule it replaces (a step replaces the best so
-far when it is clearly better, p <= 0.05) kept the base model in 60-65% of runs that gained 10
-points, with 32 questions. What gives way: a step only 5 points below the base ships in about a
-third of runs. A run that rises and then falls below the base ships its highest-scoring step.
+bench/selection_power.py simulates each candidate rule with the churn measured in the kit's own
+runs): over the 16 evaluations of a 250-step run, at base accuracies of 20% and 60%, a run whose
+accuracy rises by 10 points ships a trained step in 99.9% of runs or more, and one whose steps are
+all 10 points below the base ships one in at most 1.0%. The rule it replaces (a step replaces the
+best so far when it is clearly better, p <= 0.05, on 32 questions) kept the base model in 64-66% of
+the runs that gained 10 points. What gives way: a step only 5 points below the base ships in 30-33%
+of runs. A run that rises 15 points and then falls 10 below the base ships, on average, a step 13.5
+points above it.
 
 RUN/best/ holds the kept adapter and tokenizer, and best.json: the step, its accuracy with a Wilson
 95% interval, n, format compliance, why it was kept, the base model's figures and per-question

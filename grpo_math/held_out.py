@@ -31,14 +31,12 @@ backend with FastLanguageModel.for_training, which turns its gradient checkpoint
 the random state is restored, so that the rollouts sampled after it are those of a run without it.
 It runs after the step's time is taken: s/step on the progress line is the step's own time.
 
-What it costs: quick_eval generates --select-examples greedy answers in batches of 8, where a step
-samples --num-generations completions and trains on them. Measured on SmolLM2-135M on a 2-core CPU
-(BENCHMARKS.md, "Which adapter you get", with its command: 32 questions, 8 completions of 48 tokens a
-step): an evaluation took 20-23 s with the cores to itself, against a median step of 10 s, so about
-two steps. At the default N = 20 a run pays for 0, 5, 10, every 20 and the last: 6 evaluations in 60
-steps (21% of one run's training time; 26% in another whose first evaluations shared the cores), and
-16 in the default 250 steps, about 13%. The early ones are fixed costs, so longer runs pay less.
-Where vLLM samples the rollouts, the steps are faster and the share larger.
+What it costs (BENCHMARKS.md, "What an evaluation costs"): an evaluation answers --select-examples
+questions (200), greedily. SmolLM2-135M on a 2-core CPU, answers of up to 48 tokens: 118 s per 100
+questions with generate() in batches of 16, 21 s with vLLM in float32. At the default N = 20 a run
+pays for 0, 5, 10, every 20 and the last: 16 evaluations in 250 steps. On a GPU, generate() takes
+them in one batch, estimated (not measured) at about one step's generation each, 6-8% of a run; on a
+CPU they cost more than the training, and --select-examples or --eval-every are what to lower.
 """
 
 import contextlib

@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from grpo_math.evaluation import cut_at_stop
+from grpo_math.evaluation import cut_at_stop, generate_answers
 from grpo_math.models import prepare_vllm
 
 
@@ -64,28 +64,47 @@ def training_engine(trainer, model, tokenizer):
     return None  # no vLLM in training, its server mode (another process's GPU), or its sleep mode
 
 
-class _Colocated:
-    def __init__(self, trainer, generation, tokenizer):
-        self.trainer, self.generation, self.tokenizer = trainer, generation, tokenizer
+class _TrainingEngine:
+    """answers() from the engine that samples the rollouts. Its context fits the longest training prompt and
+    --max-completion-length (prompt_budget.fit_prompts); a held-out prompt too long for it is answered by
+    generate() instead, so that the same question goes to the same engine at every evaluation."""
+
+    def __init__(self, model, tokenizer, llm):
+        self.model, self.tokenizer, self.llm = model, tokenizer, llm
 
     def answers(self, prompts, max_new_tokens, **kwargs):
+        context = self.llm.llm_engine.model_config.max_model_len
+        fits = [len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) + max_new_tokens <= context
+                for p in prompts]
+        inside = self.generate([p for p, f in zip(prompts, fits) if f], max_new_tokens, **kwargs) if any(fits) else []
+        outside = generate_answers(self.model, self.tokenizer, [p for p, f in zip(prompts, fits) if not f],
+                                   max_new_tokens, **kwargs) if not all(fits) else []
+        inside, outside = iter(inside), iter(outside)
+        return [next(inside) if f else next(outside) for f in fits]
+
+
+class _Colocated(_TrainingEngine):
+    def __init__(self, trainer, generation, tokenizer):
+        super().__init__(generation.model, tokenizer, generation.llm)
+        self.trainer, self.generation = trainer, generation
+
+    def generate(self, prompts, max_new_tokens, **kwargs):
         step = self.trainer.state.global_step
         if getattr(self.trainer, "_last_loaded_step", None) != step:
             self.generation.sync_weights()
             self.trainer._last_loaded_step = step
-        return answers(self.generation.llm.generate, self.tokenizer, prompts, max_new_tokens, **kwargs)
+        return answers(self.llm.generate, self.tokenizer, prompts, max_new_tokens, **kwargs)
 
 
-class _Shared:
+class _Shared(_TrainingEngine):
     LORA_NAME = "grpo_trainer_lora_model"  # the name Unsloth's GRPO trainer loads its LoRA under
 
     def __init__(self, model, tokenizer):
-        self.model, self.tokenizer = model, tokenizer
+        super().__init__(model, tokenizer, model.vllm_engine)
 
-    def answers(self, prompts, max_new_tokens, **kwargs):
+    def generate(self, prompts, max_new_tokens, **kwargs):
         lora = self.model.load_lora(self.LORA_NAME, load_tensors=True)
-        return answers(self.model.vllm_engine.generate, self.tokenizer, prompts, max_new_tokens, lora_request=lora,
-                       **kwargs)
+        return answers(self.llm.generate, self.tokenizer, prompts, max_new_tokens, lora_request=lora, **kwargs)
 
 
 def save_merged(model, tokenizer, folder):

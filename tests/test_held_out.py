@@ -224,3 +224,29 @@ def test_progress_prints_the_figures_and_the_warning_once(tmp_path, capsys):
     assert [line for line in printed if line.startswith("warning:")] == [printed[5]]  # once, after step 4's line
     assert printed[4].startswith("step    4/8")
     assert [e["step"] for e in json.load(open(tmp_path / "training_stats.json"))] == list(range(9))
+
+
+def test_a_held_out_prompt_too_long_for_the_training_engine_is_answered_by_generate():
+    """The engine that samples the rollouts has a context of the longest training prompt + the completion
+    (prompt_budget.fit_prompts); a held-out prompt beyond it goes to generate(), in its place in the answers."""
+    from types import SimpleNamespace
+
+    from grpo_math import models, vllm_engine
+    from grpo_math.evaluation import generate_answers
+
+    model, tokenizer = models.tiny_model_and_tokenizer()
+    model.eval()
+    short, long = "Maya has 3 apples.", "Maya has 3 apples. " * 20
+    context = len(tokenizer(short, add_special_tokens=False)["input_ids"]) + 4
+
+    class Engine(vllm_engine._TrainingEngine):
+        def generate(self, prompts, max_new_tokens, **kwargs):
+            self.asked = prompts
+            return [[("from the engine", 1)] for _ in prompts]
+
+    engine = Engine(model, tokenizer, SimpleNamespace(llm_engine=SimpleNamespace(
+        model_config=SimpleNamespace(max_model_len=context))))
+    out = engine.answers([short, long, short], 4)
+    assert engine.asked == [short, short]
+    assert out[0] == out[2] == [("from the engine", 1)]
+    assert out[1] == generate_answers(model, tokenizer, [long], 4)[0] and out[1] != out[0]

@@ -278,6 +278,8 @@ def test_unsloths_vllm_path_runs_on_a_cpu_up_to_its_training_forward(tmp_path):
     lora = r["lora"]
     assert lora["vllm_base"] == lora["transformers_base"] and all(lora["vllm_base"])
     assert lora["vllm_lora"] == lora["peft"] and lora["vllm_lora"] != lora["vllm_base"]
+    # the held-out evaluation in training asks the same engine, with the live LoRA: the same answers
+    assert lora["held_out_engine"] == "_Shared" and lora["held_out_matches_lora"] is True
     assert r["training"]["trainer"] == "UnslothGRPOTrainer" and r["training"]["use_vllm"] is True
     assert len(r["training"]["rollouts"]) == 4 and r["training"]["trained"] is False  # vLLM wrote them; no step
     assert r["training"]["importance_sampling"] == [True, "token_truncate", 2.0]  # the kit's, not Unsloth's default

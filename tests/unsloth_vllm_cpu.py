@@ -15,7 +15,8 @@ RESULT.json then records:
   lora        LoRA B weights set to seeded random values and handed to vLLM as Unsloth's GRPO trainer
               does (model.load_lora(name, load_tensors=True)); vLLM's greedy tokens without and with
               them, against transformers + PEFT with the saved adapter, in a child process without
-              unsloth (Unsloth rewrites Qwen2's forward for the whole process)
+              unsloth (Unsloth rewrites Qwen2's forward for the whole process); and the held-out
+              evaluation's answers from the same engine (vllm_engine.training_engine)
   training    one GRPO step of UnslothGRPOTrainer with the kit's GRPOConfig: whether vLLM wrote the
               rollouts (it does), the importance sampling the trainer took from that config, and
               whether the step trained (it fails in the model's forward: the trained model's
@@ -164,11 +165,14 @@ def generation(model, tokenizer, prompts):
             "prompts": prompts, "texts": [o.outputs[0].text for o in outputs]}
 
 
-def lora(model, prompts, base, folder):
+def lora(model, tokenizer, prompts, base, folder):
     """vLLM's greedy tokens without and with the adapter, as Unsloth's GRPO trainer hands it over, and
-    the reference's, from a child process (reference() below)."""
+    the reference's, from a child process (reference() below). Then the held-out evaluation's answers
+    from the same engine (vllm_engine.training_engine, as held_out.py asks for them in training)."""
     import torch
     from vllm import SamplingParams
+
+    from grpo_math import vllm_engine
 
     greedy = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
 
@@ -183,6 +187,12 @@ def lora(model, prompts, base, folder):
             if "lora_B" in name:
                 p.normal_(std=0.5)
     lora_tokens = tokens(model.load_lora("grpo_trainer_lora_model", load_tensors=True))
+    engine = vllm_engine.training_engine(None, model, tokenizer)
+    held_out = engine.answers(prompts, MAX_TOKENS)  # [[(text, tokens)]], cut at eos as generate_answers cuts
+    ends = {tokenizer.pad_token_id, tokenizer.eos_token_id}
+    cut = [ids[: next((i for i, t in enumerate(ids) if t in ends), len(ids))] for ids in lora_tokens]
+    held_out_matches = [(tokenizer.decode(ids, skip_special_tokens=True), len(ids)) for ids in cut] == \
+        [tuple(row[0]) for row in held_out]
     adapter = os.path.join(folder, "adapter")
     model.save_pretrained(adapter)
     with open(os.path.join(folder, "job.json"), "w") as f:
@@ -192,7 +202,8 @@ def lora(model, prompts, base, folder):
     with open(os.path.join(folder, "reference.json")) as f:
         reference = json.load(f)
     return {"vllm_base": base_tokens, "vllm_lora": lora_tokens, **reference,
-            "changed": lora_tokens != base_tokens, "matches_peft": lora_tokens == reference["peft"]}
+            "changed": lora_tokens != base_tokens, "matches_peft": lora_tokens == reference["peft"],
+            "held_out_engine": type(engine).__name__, "held_out_matches_lora": held_out_matches}
 
 
 def grpo_step(model, tokenizer, prompts, folder):
@@ -255,7 +266,7 @@ def run(folder):
     model, tokenizer, base, cpu, loaded = load(folder)
     prompts = [xml_prompt(instruction, "What is 3 + 4?") for instruction in list(get_agents("core").values())[:2]]
     result = {"cpu": cpu, "load": loaded, "generation": generation(model, tokenizer, prompts),
-              "lora": lora(model, prompts, base, folder)}
+              "lora": lora(model, tokenizer, prompts, base, folder)}
     result["training"], error = grpo_step(model, tokenizer, prompts, folder)
     result["blocked"] = [error] if error else []
     norm = model.base_model.model.model.layers[0].input_layernorm
