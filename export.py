@@ -246,7 +246,7 @@ def main(argv=None):
     p.add_argument("--backend", choices=["auto", "unsloth", "trl"], default="auto",
                    help="unsloth or trl, to load and merge the adapter; auto takes the run's own")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best",
-                   help="best: the adapter the run kept in RUN/best/ (the best on its held-out selection questions; "
+                   help="best: the adapter the run kept in RUN/best/ (on its held-out selection questions; "
                         "README, 'Which adapter you get'), or the last where it selected none; a run that kept the base "
                         "model exports nothing, and says so; last: the last step's")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export")

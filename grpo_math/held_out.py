@@ -62,7 +62,7 @@ def due(step, every, max_steps):
 
 def evaluation(model, tokenizer, rows, s, backend):
     """The trainer callback that scores the selection rows at step 0 (a fresh run), at the steps due()
-    names, and at the last; each result goes to best.Keeper, which keeps the best adapter in RUN/best/.
+    names, and at the last; each result goes to best.Keeper, which saves the kept adapter in RUN/best/.
     transformers is imported here, not at the top: on a GPU, unsloth must be imported before it
     (models.pick_backend), or it patches too late and warns."""
     from transformers import TrainerCallback

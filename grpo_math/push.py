@@ -325,7 +325,7 @@ def model_card(run_dir, kind, repo_id, checkpoint="best"):
     gguf = sorted(os.path.basename(p) for p in glob.glob(os.path.join(run_dir, GGUF_DIR, "*.gguf")))
     quants = [m.group(0).upper() for m in (re.search(r"(?i)(i?q\d\w*|bf16|f16|f32)(?=\.gguf$)", f) for f in gguf) if m]
     siblings = [(k, repo_id + SUFFIXES[k]) for k, files in _parts(run_dir, run_dir).items() if files and k != kind]
-    which = ("the adapter the run kept: the best on its held-out selection questions" if selected else
+    which = ("the adapter the run kept on its held-out selection questions" if selected else
              "the last adapter (--checkpoint last)" if kept is not None else
              "the last adapter: the run selected none (held-out evaluation during training was off)")
     if kind != "adapter":
