@@ -180,13 +180,26 @@ def save(out, model, tokenizer, record, name=BEST_DIR, file=BEST_FILE, source=No
     else:
         os.makedirs(new)
         if model is not None:
-            model.save_pretrained(new)
-            tokenizer.save_pretrained(new)
+            save_adapter(model, tokenizer, new)
     runs.write_json_atomic(os.path.join(new, file), record)  # last: NAME.new/ is complete once it is there
     if os.path.isdir(path):
         os.rename(path, old)
     os.rename(new, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save_adapter(model, tokenizer, folder):
+    """The LoRA adapter of ``model`` and the tokenizer, as PeftModel.save_pretrained writes them, from this
+    process alone: only the first process evaluates, and Unsloth's save_pretrained, with several processes,
+    waits for the others (a collective they never join)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    state = get_peft_model_state_dict(model)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+              os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.peft_config["default"].save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
 
 
 def read(out, name=BEST_DIR, file=BEST_FILE):

@@ -94,9 +94,10 @@ def evaluation(model, tokenizer, rows, s, backend):
 
         def evaluate(self, args, state):
             """The figures, on the first process; with several, the others wait for it (and get {})."""
-            result = self.score(args, state) if distributed.is_main() else {}
-            distributed.together()
-            return result
+            result = distributed.decide(self.score, args, state)
+            # The kept step on every process: the Trainer's checkpoint save waits for the others where it is set.
+            state.best_global_step, state.best_metric = result.pop("kept")
+            return result if distributed.is_main() else {}
 
         def score(self, args, state):
             start = time.perf_counter()
@@ -114,9 +115,8 @@ def evaluation(model, tokenizer, rows, s, backend):
                                     thinking=s["thinking"], engine=engine)
             seconds = round(time.perf_counter() - start, 3)
             kept = self.keeper.update(state.global_step, result)  # what it keeps is saved before training goes on
-            state.best_metric, state.best_global_step = kept["accuracy"], kept["step"]  # in trainer_state.json
             return {ACCURACY: result["accuracy"], FORMAT: result["format_compliance"], SECONDS: seconds,
-                    BEST_STEP: kept["step"]}
+                    BEST_STEP: kept["step"], "kept": (kept["step"], kept["accuracy"])}  # in trainer_state.json
 
         def stop(self, state):
             """--stop-after-worse K: True on every process once K evaluations in a row found an earlier model

@@ -146,7 +146,7 @@ def test_two_processes_train_with_one_writer(launched, launcher):
     for step in (1, 2, 3):
         assert output.count(STEP_LINE.format(step, 3)) == 1, output[-4000:]
     assert output.count("settings: ") == 1 and "processes=2, global_batch=4" in output
-    assert output.count("quick evaluation of the last adapter") == 1 and output.count("backend: trl") == 1
+    assert output.count("quick evaluation of the kept adapter (step 3)") == 1 and output.count("backend: trl") == 1
     config = json.load(open(os.path.join(run, "config.json")))
     assert config["settings"]["processes"] == 2 and config["finished_step"] == 3
     # each process's random state, as the Trainer writes them: the checkpoint continues on two processes
